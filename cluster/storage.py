@@ -1,0 +1,158 @@
+"""One home for storage: a URI (local path, file://, s3://) becomes a pyarrow filesystem and path.
+
+S3-compatible stores are configured from the standard AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL);
+nothing here stores or logs credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A storage URI cannot be used; the message names the URI and the reason."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+        kwargs["force_virtual_addressing"] = False
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved storage location: the original URI, its filesystem and the path inside it."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> "Location":
+        path = posixpath.join(self.path, *parts)
+        uri = posixpath.join(self.uri, *parts) if is_remote(self.uri) else path
+        return Location(uri, self.fs, path)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri} does not exist") from None
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write a file so that readers see either nothing or all of it."""
+        if self.local:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        else:  # a single PUT is atomic on S3
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def mkdirs(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def list(self) -> list[str]:
+        """Names directly inside this folder (empty if it does not exist)."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(posixpath.basename(i.path) for i in infos)
+
+    def download_to(self, local_dir: str) -> str:
+        """Copy this folder to a local folder and return it (a no-op copy for local storage)."""
+        if self.local:
+            return self.path
+        os.makedirs(local_dir, exist_ok=True)
+        pafs.copy_files(self.path, local_dir, source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local_dir
+
+    def upload_from(self, local_dir: str) -> None:
+        """Copy a local folder's contents into this location."""
+        if self.local and os.path.abspath(local_dir) == os.path.abspath(self.path):
+            return
+        self.mkdirs()
+        pafs.copy_files(local_dir, self.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+
+def resolve(uri: str) -> Location:
+    """Resolve a local path, file:// or s3:// URI. Raises StorageError for unsupported schemes."""
+    if not uri or not uri.strip():
+        raise StorageError("empty storage URI")
+    if uri.startswith("file://"):
+        path = os.path.abspath(os.path.expanduser(uri[len("file://"):]))
+        return Location(path, pafs.LocalFileSystem(), path)
+    if "://" not in uri:
+        path = os.path.abspath(os.path.expanduser(uri))
+        return Location(path, pafs.LocalFileSystem(), path)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
+        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        return Location(f"s3://{path}", _s3_filesystem(), path)
+    raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r} (use a local path, file:// or s3://)")
+
+
+def local_scratch(prefix: str) -> str:
+    """A fresh local temporary folder."""
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def remove_local(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,261 @@
+"""Typed recipes: YAML files validated into pydantic models before any cluster time is spent.
+
+A recipe has five sections (`model`, `data`, `train`, `deepspeed`, `cluster`). Every field is
+documented here; `--set section.field=value` overrides any of them from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe, override or argument is invalid; the message names the field and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Decoder-only transformer shape."""
+
+    n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    n_embd: int = Field(128, ge=1, description="Residual stream width; divisible by n_head.")
+    block_size: int = Field(64, ge=2, description="Context length: the most positions the model can attend over.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
+    bias: bool = Field(False, description="Bias terms in Linear and LayerNorm layers (GPT-2 uses them).")
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size; null takes the dataset's tokenizer size (rounded up to a multiple of 64)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the training tokens come from."""
+
+    uri: str | None = Field(
+        None, description="Prepared dataset (a folder or URI holding manifest.json). Null: prepare `source` into the cache."
+    )
+    source: str = Field(
+        "builtin:shakespeare",
+        description="Corpus to prepare when `uri` is null: a file, a folder, an http(s) URL or builtin:shakespeare / builtin:pydoc.",
+    )
+    tokenizer: Literal["char", "bpe"] = Field("char", description="Tokenizer to train on the corpus when preparing.")
+    bpe_vocab_size: int = Field(4096, ge=260, description="Vocabulary size of the byte-level BPE tokenizer.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of the corpus held out for validation.")
+    chunk_tokens: int = Field(1024, ge=8, description="Tokens per parquet row when preparing; at least 2 x (seq_len + 1).")
+    cache_dir: str = Field(
+        "~/.cache/genai-cluster/datasets", description="Where datasets prepared on first use are kept."
+    )
+    shuffle_buffer_windows: int = Field(
+        8192, ge=1, description="Training windows shuffled together on each worker (a seeded, resumable shuffle)."
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation, evaluation, logging and checkpointing."""
+
+    micro_batch_size: int = Field(12, ge=1, description="Sequences per worker per forward/backward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per optimizer step over all workers; if set it must equal micro_batch_size x grad_accum x num_workers."
+    )
+    seq_len: int | None = Field(
+        None, ge=2, description="Tokens per training sequence; null uses model.block_size. At most model.block_size."
+    )
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps to train for.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    min_lr: float | None = Field(None, ge=0.0, description="Learning rate at the end of the cosine decay; null = lr / 10.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    lr_decay_steps: int | None = Field(None, ge=1, description="Step at which cosine decay reaches min_lr; null = max_steps.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (not applied to biases, norms, embeddings of position).")
+    beta1: float = Field(0.9, gt=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.99, gt=0.0, lt=1.0, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value; 0 disables.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision: auto = bf16 on GPU, fp32 on CPU."
+    )
+    seed: int = Field(1337, description="Seed for weights, dropout and data order.")
+    log_interval: int = Field(10, ge=1, description="Steps between progress lines and scalar logs.")
+    eval_interval: int = Field(250, ge=1, description="Steps between validation passes.")
+    eval_batches: int = Field(20, ge=1, description="Micro-batches per worker in each validation pass.")
+    checkpoint_interval: int = Field(500, ge=1, description="Steps between checkpoints (the run always checkpoints at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept in storage.")
+    sample_interval: int = Field(500, ge=0, description="Steps between text samples logged to TensorBoard; 0 disables.")
+    sample_prompt: str = Field("\n", description="Prompt for the text samples.")
+    sample_tokens: int = Field(200, ge=1, description="Tokens generated per text sample.")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Peak FLOP/s of one device for MFU; null looks the GPU up in a table (no MFU on CPU)."
+    )
+
+
+class DeepSpeedSection(_Section):
+    """DeepSpeed engine settings; the project builds the full DeepSpeed config from these."""
+
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 0 (data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters).")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer states (and step) on the CPU; stages 1-3.")
+    offload_param: Literal["none", "cpu"] = Field("none", description="Keep parameters on the CPU between uses; stage 3 only.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass (stages 1-3).")
+    reduce_bucket_size: int = Field(50_000_000, ge=1, description="Elements per gradient reduction bucket.")
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config keys merged last, for settings not modelled here."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedSection":
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage = 3")
+        return self
+
+
+class ClusterConfig(_Section):
+    """How many workers, on what, and where runs are stored."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters).")
+    use_gpu: bool = Field(False, description="Give each worker a GPU.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed; leave some for Ray Data).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; null keeps Ray's default.")
+    storage: str = Field("~/genai-runs", description="Where runs (checkpoints, TensorBoard, exports) live: a folder or URI.")
+    run_name: str | None = Field(None, description="Run folder under storage; rerunning with the same name resumes. Null: <recipe>-<timestamp>.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before giving up; -1 = unlimited.")
+
+
+class NLGRecipe(_Section):
+    """A GPT-style language-model training recipe."""
+
+    name: str = Field("custom", description="Recipe name (defaults the run name).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "NLGRecipe":
+        t, m, c = self.train, self.model, self.cluster
+        if t.seq_len is not None and t.seq_len > m.block_size:
+            raise ValueError(
+                f"train.seq_len={t.seq_len} is larger than the model's context model.block_size={m.block_size}"
+            )
+        if t.global_batch_size is not None:
+            product = t.micro_batch_size * t.grad_accum * c.num_workers
+            if product != t.global_batch_size:
+                raise ValueError(
+                    f"train.global_batch_size={t.global_batch_size} does not equal train.micro_batch_size x "
+                    f"train.grad_accum x cluster.num_workers = {t.micro_batch_size} x {t.grad_accum} x "
+                    f"{c.num_workers} = {product}"
+                )
+        if t.warmup_steps >= t.max_steps and t.max_steps > 1:
+            raise ValueError(f"train.warmup_steps={t.warmup_steps} must be smaller than train.max_steps={t.max_steps}")
+        if t.precision == "fp16" and not c.use_gpu:
+            raise ValueError("train.precision=fp16 needs cluster.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only)")
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    prefix = f"{origin}: " if origin else ""
+    return f"{prefix}{loc}: {msg}" if loc else f"{prefix}{msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `section.field=value`; the value is read as YAML (numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides to a raw recipe dict (before validation)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with the project."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe name (`tiny`) or a path to a YAML file."""
+    path = Path(os.path.expanduser(name_or_path))
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name_or_path} does not exist")
+        return path
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(
+            f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(available_recipes())})"
+        )
+    return shipped
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, cls: type[BaseModel] = NLGRecipe) -> Any:
+    """Load, override and validate a recipe. Raises ConfigError with the field path and reason."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    apply_overrides(data, overrides or [])
+    return validate_recipe(data, origin=str(path), cls=cls)
+
+
+def validate_recipe(data: dict, origin: str = "", cls: type[BaseModel] = NLGRecipe) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def recipe_to_yaml(recipe: BaseModel) -> str:
+    """A recipe as YAML that `load_recipe` reads back to an equal recipe."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: corpus sources, tokenizers, parquet shard formats and per-worker batch streams."""

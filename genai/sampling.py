@@ -1,0 +1,108 @@
+"""Load a trained model from a run, an export or a checkpoint (local or URI) and sample from it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from cluster.storage import Location, StorageError, resolve
+from genai.data.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
+from genai.models.gpt import GPT, GPTConfig, generate
+from genai.train.checkpoint import TRAINER_STATE
+
+EXPORT_DIR = "export"
+EXPORT_INDEX = "export.json"
+
+
+class CheckpointError(ValueError):
+    """No usable model at the given location; the message names it."""
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    source: str  # the export or checkpoint actually loaded
+    step: int | None
+
+
+def find_model_source(uri: str) -> tuple[str, Location]:
+    """('export' | 'checkpoint', location) for a run folder, an export folder or a checkpoint folder."""
+    try:
+        loc = resolve(uri)
+        if loc.join(EXPORT_DIR, EXPORT_INDEX).exists():
+            return "export", loc.join(EXPORT_DIR)
+        if loc.join(EXPORT_INDEX).exists():
+            return "export", loc
+        if loc.join(TRAINER_STATE).exists():
+            return "checkpoint", loc
+        checkpoints = [n for n in loc.list() if n.startswith("checkpoint_") and loc.join(n, TRAINER_STATE).exists()]
+    except StorageError as exc:
+        raise CheckpointError(str(exc)) from None
+    if checkpoints:
+        return "checkpoint", loc.join(max(checkpoints))
+    if not loc.exists():
+        raise CheckpointError(f"{uri} does not exist")
+    raise CheckpointError(f"{uri}: no export/ and no checkpoint_* folder with a {TRAINER_STATE} (not a run folder?)")
+
+
+def _consolidate(ckpt_dir: str, tag: str, zero_stage: int) -> dict:
+    """fp32 weights from DeepSpeed shards: ZeRO stages 1-3 through zero_to_fp32, stage 0 from the module file."""
+    if zero_stage == 0:
+        states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+
+def load_model(uri: str, device: str = "cpu") -> LoadedModel:
+    """Load the model and tokenizer a run produced. Prefers the final export; falls back to the latest checkpoint."""
+    kind, loc = find_model_source(uri)
+    if kind == "export":
+        index = json.loads(loc.join(EXPORT_INDEX).read_text())
+        cfg = GPTConfig(**json.loads(loc.join(index["model_config"]).read_text()))
+        state = torch.load(io.BytesIO(loc.join(index["weights"]).read_bytes()), map_location="cpu")
+        tok = tokenizer_from_json(loc.join(index["tokenizer"]).read_text())
+        step = None
+    else:
+        with tempfile.TemporaryDirectory(prefix="genai-ckpt-") as tmp:
+            local = loc.download_to(tmp)
+            with open(os.path.join(local, TRAINER_STATE)) as f:
+                tstate = json.load(f)
+            meta = os.path.join(local, "meta")
+            with open(os.path.join(meta, "model_config.json")) as f:
+                cfg = GPTConfig(**json.load(f))
+            with open(os.path.join(meta, "recipe.yaml")) as f:
+                zero_stage = yaml.safe_load(f)["deepspeed"]["zero_stage"]
+            with open(os.path.join(meta, TOKENIZER_FILE)) as f:
+                tok = tokenizer_from_json(f.read())
+            state = _consolidate(local, tstate["tags"]["model"], zero_stage)
+            step = tstate["step"]
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # lm_head is tied to wte
+        raise CheckpointError(f"{loc.uri}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    return LoadedModel(model.to(device).eval(), tok, loc.uri, step)
+
+
+def sample_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                seed: int, num_samples: int = 1) -> list[str]:
+    """Continue `prompt`; the same seed gives the same text."""
+    device = next(loaded.model.parameters()).device
+    try:
+        ids = loaded.tokenizer.encode(prompt) if prompt else loaded.tokenizer.encode("\n")
+    except ValueError as exc:
+        raise CheckpointError(f"--prompt: {exc}") from None
+    idx = torch.as_tensor(ids, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = generate(loaded.model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
+                   vocab_size=loaded.tokenizer.vocab_size)
+    return [loaded.tokenizer.decode(row.tolist()) for row in out]

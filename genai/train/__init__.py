@@ -1,0 +1,1 @@
+"""Training loops that run inside Ray Train workers, and the pieces they share."""

@@ -1,0 +1,79 @@
+"""Checkpoints: every rank saves its DeepSpeed shards and Ray Train merges them in storage.
+
+A checkpoint folder holds, besides DeepSpeed's `<tag>/` shards:
+    trainer_state.json      step, data position and world size (rank 0)
+    rng/rank<N>.pt          each rank's RNG state (dropout continues exactly on resume)
+    meta/                   model config, tokenizer and recipe: enough to sample from it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Callable
+
+import numpy as np
+import torch
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int,
+                    write_meta: Callable[[str], None] | None = None) -> None:
+    """Save every engine under its own tag on every rank, then report the merged checkpoint to Ray."""
+    import ray.train
+
+    step = trainer_state["step"]
+    tmp = tempfile.mkdtemp(prefix=f"genai-ckpt-{step}-")
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(tmp, tag=f"{name}-step{step:08d}", save_latest=False)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        if rank == 0:
+            state = dict(trainer_state, tags={n: f"{n}-step{step:08d}" for n in engines})
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                json.dump(state, f, indent=2)
+            if write_meta:
+                write_meta(os.path.join(tmp, "meta"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(checkpoint, engines: dict, rank: int, world_size: int) -> dict:
+    """Load every engine's shards, this rank's RNG state, and return the trainer state."""
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, TRAINER_STATE)) as f:
+            state = json.load(f)
+        if state["world_size"] != world_size:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.path} was written by {state['world_size']} workers; this run has "
+                f"{world_size}. Resume with cluster.num_workers={state['world_size']} or start a new run name.")
+        for name, engine in engines.items():
+            load_path, _ = engine.load_checkpoint(d, tag=state["tags"][name])
+            if load_path is None:
+                raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed shards for {name}")
+        rng_file = os.path.join(d, "rng", f"rank{rank}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

@@ -1,0 +1,322 @@
+"""GPT training: the plan made on the driver (no Ray) and the loop run by every Ray Train worker."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
+from cluster.storage import resolve
+from genai.config import ConfigError, NLGRecipe, recipe_to_yaml
+from genai.data.batches import WindowStream, epoch_offset, windows_per_row
+from genai.data.text_dataset import DatasetError, TextManifest, ensure_dataset, load_manifest
+from genai.data.tokenizers import TOKENIZER_FILE
+from genai.models.gpt import GPT, GPTConfig, generate
+from genai.sampling import EXPORT_DIR, EXPORT_INDEX
+from genai.train.checkpoint import restore, save_and_report
+from genai.train.schedule import warmup_cosine
+from genai.train.tracking import RunLogger
+
+ROWS_PER_FETCH = 32
+
+# Dense bf16 peak FLOP/s per device, for MFU (matched against torch.cuda.get_device_name()).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+                   "L4": 121e12, "V100": 125e12}
+
+
+@dataclass
+class NLGPlan:
+    """Everything the workers need, checked on the driver before any cluster time is spent."""
+
+    recipe: NLGRecipe
+    data_uri: str
+    manifest: TextManifest
+    model_config: GPTConfig
+    ds_config: dict
+
+    def loop_config(self, run_uri: str) -> dict:
+        return {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "model_config": self.model_config.to_dict(),
+            "ds_config": self.ds_config,
+            "data_uri": self.data_uri,
+            "run_uri": run_uri,
+            "chunk_tokens": self.manifest.chunk_tokens,
+            "train_full_rows": self.manifest.min_full_rows("train", self.recipe.cluster.num_workers),
+        }
+
+    def dataset_uris(self) -> dict[str, list[str]]:
+        return {split: self.manifest.shard_uris(split) for split in ("train", "val")}
+
+
+def steps_per_epoch(full_rows: int, chunk_tokens: int, seq_len: int, micro_batch: int, grad_accum: int,
+                    seed: int, epoch: int) -> int:
+    """Optimizer steps every worker takes in `epoch` (each worker is guaranteed this many windows)."""
+    windows = full_rows * windows_per_row(chunk_tokens, seq_len, epoch_offset(seed, epoch, seq_len))
+    return windows // (micro_batch * grad_accum)
+
+
+def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
+    """Resolve the dataset (preparing it into the cache if needed) and check it fits the recipe."""
+    d, t, c = recipe.data, recipe.train, recipe.cluster
+    data_uri = d.uri or ensure_dataset(d.source, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.chunk_tokens,
+                                       d.cache_dir, log=log)
+    manifest = load_manifest(data_uri)
+    vocab = recipe.model.vocab_size or 64 * math.ceil(manifest.vocab_size / 64)
+    if vocab < manifest.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
+    seq_len = recipe.seq_len
+    if seq_len + 1 > manifest.chunk_tokens // 2:
+        raise ConfigError(
+            f"train.seq_len={seq_len} needs dataset rows of at least {2 * (seq_len + 1)} tokens; {data_uri} has "
+            f"{manifest.chunk_tokens} (re-prepare it with --chunk-tokens {4 * (seq_len + 1)})")
+    full_rows = manifest.min_full_rows("train", c.num_workers)
+    worst = min(steps_per_epoch(full_rows, manifest.chunk_tokens, seq_len, t.micro_batch_size, t.grad_accum,
+                                t.seed, e) for e in range(8))
+    if worst < 1:
+        raise DatasetError(
+            f"{data_uri}: {manifest.splits['train'].tokens} training tokens are too few for {c.num_workers} worker(s) x "
+            f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x seq_len={seq_len}")
+    val_rows = manifest.splits["val"].rows // c.num_workers
+    if val_rows < 1:
+        raise DatasetError(f"{data_uri}: the validation split has fewer rows than cluster.num_workers={c.num_workers}")
+    model_config = GPTConfig(vocab_size=vocab, block_size=recipe.model.block_size, n_layer=recipe.model.n_layer,
+                             n_head=recipe.model.n_head, n_embd=recipe.model.n_embd, dropout=recipe.model.dropout,
+                             bias=recipe.model.bias)
+    ds_config = build_deepspeed_config(recipe.deepspeed, t, c.num_workers, c.use_gpu)
+    return NLGPlan(recipe, data_uri, manifest, model_config, ds_config)
+
+
+def _lr_scheduler(t, lr_min: float, decay_steps: int):
+    def make(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, t.lr, lr_min, t.warmup_steps, decay_steps) / t.lr)
+    return make
+
+
+def _peak_flops(t, device: torch.device) -> float | None:
+    if t.peak_flops:
+        return t.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return None
+
+
+def _val_batches(shard, seq_len: int, micro_batch: int, n: int, seed: int, rank: int) -> list:
+    """The same fixed validation windows at every evaluation (the rest of the split is drained)."""
+    stream = WindowStream(shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH), seq_len,
+                          micro_batch, seed, 0, rank, shuffle_buffer=1, offset=0)
+    out = []
+    for mb in stream:
+        if len(out) < n:
+            out.append(mb)
+    return out
+
+
+def export_model(engine, model_config: GPTConfig, run_uri: str, data_uri: str, recipe_yaml: str,
+                 zero_stage: int, rank: int) -> None:
+    """Write `<run>/export/`: fp32 weights, model config, tokenizer and recipe; the index file last."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    state = None
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        if rank == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    if rank != 0:
+        return
+    out = resolve(run_uri).join(EXPORT_DIR)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    out.join("model.pt").write_bytes(buf.getvalue())
+    out.join("model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+    out.join(TOKENIZER_FILE).write_bytes(resolve(data_uri).join(TOKENIZER_FILE).read_bytes())
+    out.join("recipe.yaml").write_text(recipe_yaml)
+    out.join(EXPORT_INDEX).write_text(json.dumps(
+        {"kind": "gpt", "weights": "model.pt", "model_config": "model_config.json", "tokenizer": TOKENIZER_FILE,
+         "recipe": "recipe.yaml", "dtype": "float32"}, indent=2))
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Runs in each Ray Train worker: DeepSpeed engine, streamed batches, eval, logging, checkpoints."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    recipe = NLGRecipe.model_validate(cfg["recipe"])
+    t, c = recipe.train, recipe.cluster
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if c.torch_threads:
+        torch.set_num_threads(c.torch_threads)
+    device = ray.train.torch.get_device()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model_config = GPTConfig(**cfg["model_config"])
+    model = GPT(model_config)
+    ds_config = cfg["ds_config"]
+    groups = model.optimizer_groups(t.weight_decay)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        config=ds_config, lr_scheduler=_lr_scheduler(t, min_lr, t.lr_decay_steps or t.max_steps))
+    torch.manual_seed(t.seed + 1000 * rank)  # dropout differs across ranks
+
+    seq_len, micro, accum = recipe.seq_len, t.micro_batch_size, t.grad_accum
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "world_size": world}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        state.update(restore(checkpoint, {"model": engine}, rank, world))
+        if rank == 0:
+            print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
+                  f"step {state['epoch_step']} of it)", flush=True)
+    resumed_step = state["step"]
+
+    logger = RunLogger(cfg["run_uri"], rank, resumed_step, t.max_steps)
+    if rank == 0 and resumed_step == 0:
+        n = model.num_params()
+        print(f"model: {n / 1e6:.2f}M parameters, {model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
+              f"{world} worker(s), ZeRO-{recipe.deepspeed.zero_stage}, "
+              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}", flush=True)
+    recipe_yaml = recipe_to_yaml(recipe)
+    tokenizer_bytes = resolve(cfg["data_uri"]).join(TOKENIZER_FILE).read_bytes()
+
+    def write_meta(meta_dir: str) -> None:
+        os.makedirs(meta_dir, exist_ok=True)
+        with open(os.path.join(meta_dir, "model_config.json"), "w") as f:
+            json.dump(model_config.to_dict(), f, indent=2)
+        with open(os.path.join(meta_dir, TOKENIZER_FILE), "wb") as f:
+            f.write(tokenizer_bytes)
+        with open(os.path.join(meta_dir, "recipe.yaml"), "w") as f:
+            f.write(recipe_yaml)
+
+    val_batches = _val_batches(ray.train.get_dataset_shard("val"), seq_len, micro, t.eval_batches, t.seed, rank)
+    n_val = torch.tensor([len(val_batches)], device=device)
+    dist.all_reduce(n_val, op=dist.ReduceOp.MIN)
+    val_batches = val_batches[: int(n_val.item())]
+
+    def evaluate() -> float:
+        engine.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad():
+            for b in val_batches:
+                b = torch.from_numpy(b).to(device)
+                total += engine(b[:, :-1], b[:, 1:])[1].float()
+        engine.train()
+        dist.all_reduce(total)
+        return total.item() / max(1, len(val_batches) * world)
+
+    def sample() -> str | None:
+        from genai.data.tokenizers import tokenizer_from_json
+
+        if recipe.deepspeed.zero_stage != 3 and rank != 0:
+            return None  # under ZeRO-3 every rank takes part in each forward
+        tok = tokenizer_from_json(tokenizer_bytes.decode())
+        try:
+            prompt = tok.encode(t.sample_prompt)
+        except ValueError:
+            prompt = tok.encode(tok.decode([0]))
+        idx = torch.as_tensor(prompt, dtype=torch.long, device=device)[None, :]
+        gen = torch.Generator(device=device).manual_seed(t.seed)
+        engine.eval()
+        out = generate(engine.module, idx, t.sample_tokens, temperature=0.8, top_k=200, generator=gen,
+                       vocab_size=tok.vocab_size)
+        engine.train()
+        return tok.decode(out[0].tolist())
+
+    flops_per_token = model.flops_per_token(seq_len)
+    peak = _peak_flops(t, device)
+    tokens_per_step = micro * accum * world * seq_len
+    train_shard = ray.train.get_dataset_shard("train")
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    last = {"val_loss": None}
+    step_t0 = time.perf_counter()
+    steps_timed = 0
+
+    def at_step_end(step: int) -> None:
+        nonlocal loss_sum, loss_count, step_t0, steps_timed
+        metrics: dict = {}
+        save = step % t.checkpoint_interval == 0 or step == t.max_steps
+        if (save or step % t.log_interval == 0) and not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss is {loss_sum.item()} by step {step}; the last checkpoint is "
+                                     "intact (lower train.lr or raise train.warmup_steps)")
+        if step % t.log_interval == 0 or step == t.max_steps:
+            dt = (time.perf_counter() - step_t0) / max(1, steps_timed)
+            loss = (loss_sum / max(1, loss_count)).item()
+            tok_s = tokens_per_step / dt
+            mfu = flops_per_token * tok_s / (peak * world) if peak else None
+            lr = engine.get_lr()[0]
+            logger.scalars(step, {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tok_s,
+                                  "perf/step_time_s": dt, "perf/mfu": mfu})
+            parts = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+            if mfu is not None:
+                parts["mfu"] = f"{100 * mfu:.1f}%"
+            logger.progress(step, parts)
+            metrics.update(train_loss=loss, lr=lr, tokens_per_s=tok_s)
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+        if step % t.eval_interval == 0 or step == t.max_steps:
+            val = evaluate()
+            last["val_loss"] = val
+            logger.scalars(step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
+            if rank == 0:
+                print(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})", flush=True)
+        if t.sample_interval and (step % t.sample_interval == 0 or step == t.max_steps):
+            text = sample()
+            if text is not None:
+                logger.text(step, "samples", text)
+        if save or step % t.eval_interval == 0:
+            metrics.update(step=step, epoch=state["epoch"], val_loss=last["val_loss"], tokens=state["tokens"])
+            logger.flush()
+            if save:
+                save_and_report({"model": engine}, dict(state), metrics, rank, write_meta)
+            else:
+                ray.train.report(metrics)
+        if metrics:
+            step_t0, steps_timed = time.perf_counter(), 0
+
+    while state["step"] < t.max_steps:
+        epoch = state["epoch"]
+        n_steps = steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)
+        stream = WindowStream(train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH,
+                                                       prefetch_batches=4),
+                              seq_len, micro, t.seed, epoch, rank, recipe.data.shuffle_buffer_windows)
+        batches = iter(stream)
+        for _ in range(state["epoch_step"] * accum):  # resume mid-epoch: skip what was trained on
+            next(batches)
+        while state["epoch_step"] < n_steps and state["step"] < t.max_steps:
+            for _ in range(accum):
+                b = torch.from_numpy(next(batches)).to(device, non_blocking=True)
+                _, loss = engine(b[:, :-1], b[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float()
+                loss_count += 1
+            state["step"] += 1
+            state["epoch_step"] += 1
+            state["tokens"] += tokens_per_step
+            steps_timed += 1
+            at_step_end(state["step"])
+        if state["epoch_step"] >= n_steps:
+            stream.drain()
+            state["epoch"], state["epoch_step"] = epoch + 1, 0
+
+    if resumed_step == t.max_steps and rank == 0:
+        print(f"run already complete at step {t.max_steps}; refreshing the export", flush=True)
+    export_model(engine, model_config, cfg["run_uri"], cfg["data_uri"], recipe_yaml,
+                 recipe.deepspeed.zero_stage, rank)
+    logger.close()
+    if rank == 0:
+        print(f"exported the model to {resolve(cfg['run_uri']).join(EXPORT_DIR).uri}", flush=True)

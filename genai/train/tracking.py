@@ -1,0 +1,65 @@
+"""Rank-0 TensorBoard logging into the run folder (uploaded when the run lives in object storage)."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.storage import local_scratch, resolve
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RunLogger:
+    """TensorBoard scalars/text on rank 0 plus a readable progress line; a no-op on other ranks."""
+
+    def __init__(self, run_uri: str, rank: int, start_step: int, max_steps: int):
+        self.rank, self.max_steps = rank, max_steps
+        self.writer = None
+        self._t0, self._step0 = time.time(), start_step
+        if rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = resolve(run_uri).join(TENSORBOARD_DIR)
+        self.local_dir = self.remote.path if self.remote.local else local_scratch("genai-tb-")
+        # purge_step hides events a crashed attempt logged after the checkpoint we resumed from.
+        self.writer = SummaryWriter(self.local_dir, purge_step=start_step if start_step else None)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer:
+            # Markdown code block keeps line breaks and spacing of the sample.
+            self.writer.add_text(tag, "```\n" + text + "\n```", step)
+
+    def progress(self, step: int, parts: dict[str, str]) -> None:
+        if self.rank != 0:
+            return
+        done = step - self._step0
+        elapsed = time.time() - self._t0
+        eta = elapsed / done * (self.max_steps - step) if done > 0 else 0.0
+        fields = " | ".join(f"{k} {v}" for k, v in parts.items())
+        width = len(str(self.max_steps))
+        print(f"step {step:>{width}}/{self.max_steps} | {fields} | eta {_duration(eta)}", flush=True)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+            if not self.remote.local:
+                self.remote.upload_from(self.local_dir)
+
+    def close(self) -> None:
+        if self.writer:
+            self.flush()
+            self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

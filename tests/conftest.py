@@ -1,0 +1,48 @@
+"""Shared fixtures: the test corpus, a small prepared dataset, and a helper that runs the real job scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """Tiny Shakespeare from ../shared when present, else the builtin offline corpus written to a file."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    from genai.data.sources import read_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    path.write_text(read_corpus("builtin:shakespeare")[:1_115_394])
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_dataset(corpus_file, tmp_path_factory) -> str:
+    """A char-level dataset with short rows, so that two workers get many rows each."""
+    from genai.data.text_dataset import prepare_text_dataset
+
+    out = tmp_path_factory.mktemp("datasets") / "shakespeare-char"
+    prepare_text_dataset(str(corpus_file), str(out), chunk_tokens=256, log=lambda *_: None)
+    return str(out)
+
+
+def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run jobs/<script> as a user would and capture its output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+
+
+@pytest.fixture
+def job():
+    return run_job

@@ -1,0 +1,72 @@
+"""Recipes: shipped recipes load, every bad input names its field, overrides apply."""
+
+import pytest
+
+from genai.config import ConfigError, NLGRecipe, available_recipes, load_recipe, recipe_to_yaml
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_shipped_recipes_are_valid(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+
+
+def test_the_three_promised_recipes_ship():
+    assert {"tiny", "shakespeare-char", "gpt2-small"} <= set(available_recipes())
+    gpu = load_recipe("gpt2-small")
+    assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_embd) == (12, 12, 768)
+    assert gpu.train.precision == "bf16" and gpu.deepspeed.zero_stage == 2 and gpu.cluster.use_gpu
+
+
+def test_overrides_are_typed_from_yaml():
+    r = load_recipe("tiny", ["train.lr=3e-4", "cluster.num_workers=2", "deepspeed.zero_stage=3",
+                             "cluster.use_gpu=false"])
+    assert r.train.lr == pytest.approx(3e-4)
+    assert r.cluster.num_workers == 2 and r.deepspeed.zero_stage == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "train.lrr: unknown field"),
+    ("train.lr=fast", "train.lr: Input should be a valid number"),
+    ("model.n_layer=0", "model.n_layer: Input should be greater than or equal to 1"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be less than or equal to 3"),
+    ("train.seq_len=999", "train.seq_len=999 is larger than the model's context model.block_size=32"),
+    ("train.global_batch_size=100", "train.global_batch_size=100 does not equal"),
+    ("model.n_head=3", "model.n_embd=32 is not divisible by model.n_head=3"),
+    ("deepspeed.offload_param=cpu", "deepspeed.offload_param needs deepspeed.zero_stage = 3"),
+    ("train.precision=fp16", "train.precision=fp16 needs cluster.use_gpu=true"),
+    ("bogus.x=1", "bogus: unknown field"),
+])
+def test_invalid_recipes_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("tiny", [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe"):
+        load_recipe("no-such-recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(bad))
+
+
+def test_recipe_round_trips_through_yaml(tmp_path):
+    r = load_recipe("shakespeare-char", ["train.max_steps=700"])
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_to_yaml(r))
+    assert load_recipe(str(path)) == r
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, NLGRecipe.__mro__[1]):
+                yield from walk(ann)
+            elif name != "name":
+                yield name, field.description
+    missing = [n for n, d in walk(NLGRecipe) if not d]
+    assert missing == []
