@@ -18,6 +18,7 @@ from genai.train.checkpoint import TRAINER_STATE
 
 EXPORT_DIR = "export"
 EXPORT_INDEX = "export.json"
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class CheckpointError(ValueError):
@@ -32,6 +33,16 @@ class LoadedModel:
     step: int | None
 
 
+def registered_checkpoints(run: Location) -> list[str]:
+    """Checkpoint folders Ray finished and registered, oldest first (a folder still uploading is not listed)."""
+    snapshot = run.join(RAY_CHECKPOINT_SNAPSHOT)
+    if snapshot.exists():
+        names = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])]
+    else:  # written by other tools: trust folders that hold a trainer state
+        names = [n for n in run.list() if n.startswith("checkpoint_")]
+    return sorted(n for n in names if run.join(n, TRAINER_STATE).exists())
+
+
 def find_model_source(uri: str) -> tuple[str, Location]:
     """('export' | 'checkpoint', location) for a run folder, an export folder or a checkpoint folder."""
     try:
@@ -42,11 +53,11 @@ def find_model_source(uri: str) -> tuple[str, Location]:
             return "export", loc
         if loc.join(TRAINER_STATE).exists():
             return "checkpoint", loc
-        checkpoints = [n for n in loc.list() if n.startswith("checkpoint_") and loc.join(n, TRAINER_STATE).exists()]
+        checkpoints = registered_checkpoints(loc)
     except StorageError as exc:
         raise CheckpointError(str(exc)) from None
     if checkpoints:
-        return "checkpoint", loc.join(max(checkpoints))
+        return "checkpoint", loc.join(checkpoints[-1])
     if not loc.exists():
         raise CheckpointError(f"{uri} does not exist")
     raise CheckpointError(f"{uri}: no export/ and no checkpoint_* folder with a {TRAINER_STATE} (not a run folder?)")

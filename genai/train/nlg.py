@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     recipe = NLGRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
     ctx = ray.train.get_context()

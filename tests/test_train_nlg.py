@@ -1,0 +1,144 @@
+"""End to end on real Ray, DeepSpeed and parquet: train, checkpoint, resume, export, generate, TensorBoard."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT, run_job
+
+pytestmark = pytest.mark.slow
+
+
+def train_args(data: str, storage: Path, name: str, *sets: str) -> list[str]:
+    args = ["--recipe", "tiny", "--data", data, "--storage", str(storage), "--name", name]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def train(data, storage, name, *sets, timeout=600):
+    r = run_job("train_nlg.py", *train_args(data, storage, name, *sets), timeout=timeout)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r
+
+
+def final_val_loss(stdout: str) -> float:
+    return float(re.search(r"^done: run \S+ at step \d+, val loss ([0-9.]+)", stdout, re.M).group(1))
+
+
+def tensorboard(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return scalars, acc.Tags()["tensors"]
+
+
+def test_one_worker_trains_logs_exports_and_generates(char_dataset, tmp_path):
+    r = train(char_dataset, tmp_path, "one", "train.max_steps=60")
+    assert "step 60/60" in r.stdout and "exported the model" in r.stdout
+    scalars, tensors = tensorboard(tmp_path / "one")
+    losses = [v for _, v in scalars["train/loss"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert {"val/loss", "val/perplexity", "train/lr", "perf/tokens_per_s"} <= set(scalars)
+    assert any(t.startswith("samples") for t in tensors)
+    export = tmp_path / "one" / "export"
+    assert {"export.json", "model.pt", "model_config.json", "tokenizer.json", "recipe.yaml"} <= {
+        p.name for p in export.iterdir()}
+
+    gen = ["--checkpoint", str(tmp_path / "one"), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "7"]
+    a, b = run_job("generate.py", *gen), run_job("generate.py", *gen)
+    assert a.returncode == 0, a.stderr
+    assert "ROMEO:" in a.stdout and a.stdout == b.stdout  # same seed, same text
+    assert len(a.stdout.split("ROMEO:", 1)[1].strip()) > 20
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_workers_with_zero_stage(stage, char_dataset, tmp_path):
+    name = f"zero{stage}"
+    r = train(char_dataset, tmp_path, name, "cluster.num_workers=2", f"deepspeed.zero_stage={stage}",
+              "train.max_steps=40")
+    assert f"2 worker(s), ZeRO-{stage}" in r.stdout
+    scalars, _ = tensorboard(tmp_path / name)
+    losses = [v for _, v in scalars["train/loss"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    # Both ranks' ZeRO shards were merged into one checkpoint folder.
+    ckpt = tmp_path / name / "checkpoint_00000030"
+    shards = {p.name for p in (ckpt / "model-step00000030").iterdir()}
+    assert any("rank_1" in s for s in shards) and any("rank_0" in s for s in shards), shards
+    assert {p.name for p in (ckpt / "rng").iterdir()} == {"rank0.pt", "rank1.pt"}
+    # An intermediate checkpoint is consolidated from its shards for sampling.
+    g = run_job("generate.py", "--checkpoint", str(ckpt), "--max-new-tokens", "20")
+    assert g.returncode == 0, g.stderr
+    assert "(step 30)" in g.stdout
+
+
+def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(char_dataset, tmp_path):
+    fixed = ("train.lr_decay_steps=40", "train.checkpoint_interval=10")
+    train(char_dataset, tmp_path, "again", "train.max_steps=20", *fixed)
+    r = train(char_dataset, tmp_path, "again", "train.max_steps=40", *fixed)
+    assert re.search(r"resumed from \S+checkpoint_00000020 at step 20", r.stdout), r.stdout[-3000:]
+    assert "step 40/40" in r.stdout and "step  5/40" not in r.stdout
+    scalars, _ = tensorboard(tmp_path / "again")
+    steps = [s for s, _ in scalars["train/loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_changing_the_model_of_an_existing_run_is_refused(char_dataset, tmp_path):
+    (tmp_path / "shape").mkdir()
+    (tmp_path / "shape" / "recipe.yaml").write_text("model: {n_layer: 9}\n")
+    r = run_job("train_nlg.py", *train_args(char_dataset, tmp_path, "shape"))
+    assert r.returncode == 2
+    assert "exists with model.n_layer=9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_killed_worker_is_restarted_and_training_ends_as_if_uninterrupted(char_dataset, tmp_path):
+    sets = ("cluster.num_workers=2", "deepspeed.zero_stage=2", "train.max_steps=400", "train.eval_interval=50",
+            "train.checkpoint_interval=50", "train.log_interval=50", "train.sample_interval=0")
+    reference = final_val_loss(train(char_dataset, tmp_path, "reference", *sets).stdout)
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_nlg.py"),
+                             *train_args(char_dataset, tmp_path, "killed", *sets)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    # Once checkpoint 100 is being written, Ray has registered checkpoint 50 (report is a barrier).
+    marker = tmp_path / "killed" / "checkpoint_00000100" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # this run's embedded Ray only
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert marker.exists() and workers, "no checkpoint or no worker to kill"
+    workers[-1].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"resumed from \S+checkpoint_00000(050|100) at step (50|100)\b", out), out[-4000:]
+    # Same steps, same data order, same RNG: the resumed run ends where the uninterrupted one did.
+    assert final_val_loss(out) == pytest.approx(reference, abs=1e-4)
+
+
+def test_bad_input_fails_fast_with_one_line_and_exit_2(char_dataset, tmp_path):
+    cases = [
+        (["--set", "train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["--set", "model.block_size=16", "--set", "train.seq_len=32"], "train.seq_len=32 is larger"),
+        (["--data", str(tmp_path / "nowhere")], "no manifest.json"),
+        (["--recipe", "nope"], "neither a file nor a shipped recipe"),
+        (["--set", "train.micro_batch_size=100000"], "too few"),
+        (["--storage", "ftp://x/y"], "unsupported scheme"),
+    ]
+    for extra, message in cases:
+        args = ["--recipe", "tiny", "--data", char_dataset, "--storage", str(tmp_path), *extra]
+        t0 = time.time()
+        r = run_job("train_nlg.py", *args)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert time.time() - t0 < 30  # refused before Ray starts
+    assert list(tmp_path.iterdir()) == []  # nothing written
