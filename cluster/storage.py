@@ -26,11 +26,14 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+def _s3_filesystem(patient: bool = True) -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # Patient: exponential back-off over ~25 s rides out a store restart (training, Ray's checkpoint
+    # uploads). Fast: pre-flight checks answer a wrong endpoint or key at once.
+    retry = pafs.AwsDefaultS3RetryStrategy(max_attempts=10 if patient else 1)
     kwargs: dict = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        "retry_strategy": retry,
     }
     if endpoint:
         parsed = urlparse(endpoint)
@@ -74,6 +77,8 @@ class Location:
                 return f.read()
         except FileNotFoundError:
             raise StorageError(f"{self.uri} does not exist") from None
+        except OSError as exc:
+            raise explain(self.uri, exc) from None
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -130,8 +135,46 @@ class Location:
                         destination_filesystem=self.fs)
 
 
-def resolve(uri: str) -> Location:
-    """Resolve a local path, file:// or s3:// URI. Raises StorageError for unsupported schemes."""
+def explain(uri: str, exc: OSError) -> StorageError:
+    """Turn a filesystem/S3 error into one line naming the URI and the likely cause."""
+    text = str(exc)
+    if "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
+        return StorageError(f"{uri}: access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    if "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+        return StorageError(f"{uri}: the bucket does not exist")
+    if "Couldn't connect" in text or "curlCode: 7" in text or "Connection refused" in text or "NETWORK_CONNECTION" in text:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint")
+        return StorageError(f"{uri}: cannot reach {endpoint} (is the object store running?)")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return StorageError(f"{uri}: {first}")
+
+
+def check_access(uri: str, must_exist: bool = False) -> Location:
+    """Fail fast, before any cluster time: the bucket exists and the credentials work.
+
+    For S3 this lists the bucket (a real request to the server); locally it checks the parent folder.
+    """
+    loc = resolve(uri, patient=False)
+    try:
+        if loc.local:
+            if must_exist and not loc.exists():
+                raise StorageError(f"{uri} does not exist")
+            return loc
+        bucket = loc.path.split("/", 1)[0]
+        if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: the bucket {bucket!r} does not exist")
+        loc.fs.get_file_info(pafs.FileSelector(bucket, recursive=False, allow_not_found=True))
+        if must_exist and not loc.exists():
+            raise StorageError(f"{uri} does not exist")
+    except OSError as exc:
+        raise explain(uri, exc) from None
+    return loc
+
+
+def resolve(uri: str, patient: bool = True) -> Location:
+    """Resolve a local path, file:// or s3:// URI. Raises StorageError for unsupported schemes.
+
+    `patient=False` gives an S3 filesystem that does not retry (for pre-flight checks)."""
     if not uri or not uri.strip():
         raise StorageError("empty storage URI")
     if uri.startswith("file://"):
@@ -145,8 +188,20 @@ def resolve(uri: str) -> Location:
         if not parsed.netloc:
             raise StorageError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
         path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
-        return Location(f"s3://{path}", _s3_filesystem(), path)
+        return Location(f"s3://{path}", _s3_filesystem(patient), path)
     raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r} (use a local path, file:// or s3://)")
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a folder between any two locations (e.g. a run's TensorBoard events to a local folder)."""
+    a, b = resolve(src), resolve(dst)
+    if not a.is_dir():
+        raise StorageError(f"{src} is not a folder")
+    b.mkdirs()
+    try:
+        pafs.copy_files(a.path, b.path, source_filesystem=a.fs, destination_filesystem=b.fs)
+    except OSError as exc:
+        raise explain(src, exc) from None
 
 
 def local_scratch(prefix: str) -> str:
@@ -156,3 +211,30 @@ def local_scratch(prefix: str) -> str:
 
 def remove_local(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> None:
+    """`python -m cluster.storage copy SRC DST`: copy a folder, e.g. TensorBoard events out of S3."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    cp = sub.add_parser("copy", help="copy a folder between local paths and s3:// URIs")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    ls = sub.add_parser("ls", help="list a folder")
+    ls.add_argument("uri")
+    args = p.parse_args()
+    try:
+        if args.cmd == "copy":
+            copy_tree(args.src, args.dst)
+        else:
+            print("\n".join(check_access(args.uri, must_exist=True).list()))
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import _cli
+from cluster.storage import check_access
 from genai.data.text_dataset import prepare_text_dataset
 
 
@@ -22,6 +23,7 @@ def main() -> int:
     p.add_argument("--shard-tokens", type=int, default=8 * 1024 * 1024, help="tokens per parquet shard")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared at --out")
     args = p.parse_args()
+    check_access(args.out)
     prepare_text_dataset(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                          bpe_vocab_size=args.bpe_vocab_size, chunk_tokens=args.chunk_tokens,
                          shard_tokens=args.shard_tokens, overwrite=args.overwrite)

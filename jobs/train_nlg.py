@@ -13,7 +13,7 @@ import _cli
 
 from cluster.launch import fit, parquet_datasets, run_location, run_name_default
 from cluster.ray_env import connect
-from cluster.storage import StorageError
+from cluster.storage import StorageError, check_access
 from genai.config import ConfigError, available_recipes, load_recipe, recipe_to_yaml
 from genai.train.nlg import plan_nlg_run, train_loop_per_worker
 
@@ -57,6 +57,7 @@ def main() -> int:
         if flag:
             overrides.append(f"{key}={flag}")
     recipe = load_recipe(args.recipe, overrides)
+    check_access(recipe.cluster.storage)  # bucket and credentials, before any work
     plan = plan_nlg_run(recipe)
     c = recipe.cluster
     name = c.run_name or run_name_default(recipe.name)

@@ -46,3 +46,21 @@ def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = No
 @pytest.fixture
 def job():
     return run_job
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback (free ports, fresh data folder), with buckets datasets/runs."""
+    from cluster.objectstore import ObjectStore
+
+    store = ObjectStore(str(tmp_path_factory.mktemp("seaweedfs")), ["datasets", "runs"]).start()
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def s3_env(object_store, monkeypatch):
+    """The AWS environment pointing at the local object store, in this process and for jobs it runs."""
+    for key, value in object_store.env().items():
+        monkeypatch.setenv(key, value)
+    return object_store.env()

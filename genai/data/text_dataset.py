@@ -197,18 +197,28 @@ def load_tokenizer(dataset_uri: str) -> Tokenizer:
     return tokenizer_from_json(resolve(dataset_uri).join(TOKENIZER_FILE).read_text())
 
 
-def verify_shards(manifest: TextManifest) -> None:
-    """Check every shard against the manifest's sizes and checksums; raises DatasetError naming the shard."""
+CHECKSUM_LIMIT_BYTES = 256 * 1024 * 1024  # above this, verify_shards(checksums=None) checks sizes only
+
+
+def verify_shards(manifest: TextManifest, checksums: bool | None = None) -> None:
+    """Check every shard against the manifest (size, and sha256 when `checksums`, by default for datasets
+    up to 256 MiB). Raises DatasetError naming the shard that is missing or corrupt."""
     base = resolve(manifest.uri)
-    for split, info in manifest.splits.items():
-        for shard in info.shards:
-            loc = base.join(shard["path"])
-            try:
-                data = loc.read_bytes()
-            except StorageError:
-                raise DatasetError(f"{loc.uri}: shard listed in the manifest is missing") from None
-            if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+    shards = [s for info in manifest.splits.values() for s in info.shards]
+    if checksums is None:
+        checksums = sum(s["bytes"] for s in shards) <= CHECKSUM_LIMIT_BYTES
+    for shard in shards:
+        loc = base.join(shard["path"])
+        try:
+            info = loc.fs.get_file_info(loc.path)
+            if info.type.name == "NotFound":
+                raise DatasetError(f"{loc.uri}: shard listed in the manifest is missing")
+            if info.size != shard["bytes"]:
+                raise DatasetError(f"{loc.uri}: shard is corrupt ({info.size} bytes, the manifest says {shard['bytes']})")
+            if checksums and hashlib.sha256(loc.read_bytes()).hexdigest() != shard["sha256"]:
                 raise DatasetError(f"{loc.uri}: shard is corrupt (checksum does not match the manifest)")
+        except (StorageError, OSError) as exc:
+            raise DatasetError(f"{loc.uri}: {exc}") from None
 
 
 def cached_dataset_uri(source: str, tokenizer: str, bpe_vocab_size: int, val_fraction: float, chunk_tokens: int,

@@ -16,7 +16,7 @@ from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
 from cluster.storage import resolve
 from genai.config import ConfigError, NLGRecipe, recipe_to_yaml
 from genai.data.batches import WindowStream, epoch_offset, windows_per_row
-from genai.data.text_dataset import DatasetError, TextManifest, ensure_dataset, load_manifest
+from genai.data.text_dataset import DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards
 from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models.gpt import GPT, GPTConfig, generate
 from genai.sampling import EXPORT_DIR, EXPORT_INDEX
@@ -69,6 +69,7 @@ def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
     data_uri = d.uri or ensure_dataset(d.source, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.chunk_tokens,
                                        d.cache_dir, log=log)
     manifest = load_manifest(data_uri)
+    verify_shards(manifest)
     vocab = recipe.model.vocab_size or 64 * math.ceil(manifest.vocab_size / 64)
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
