@@ -19,9 +19,11 @@ def prebuild() -> None:
     if torch.cuda.is_available():
         return  # GPU ops build from the CUDA toolchain on first use; nothing to do on CPU-less paths here
     t0 = time.time()
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible():
-        builder.load(verbose=False)
+    # ShareMemComm: loaded by every CPU process group; CPUAdam: the optimizer of deepspeed.offload_optimizer.
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
     print(f"DeepSpeed CPU ops ready in {os.environ['TORCH_EXTENSIONS_DIR']} ({time.time() - t0:.0f}s)")
 
 

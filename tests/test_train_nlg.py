@@ -82,6 +82,14 @@ def test_two_workers_with_zero_stage(stage, char_dataset, tmp_path):
     assert "(step 30)" in g.stdout
 
 
+def test_optimizer_offload_to_cpu_trains(char_dataset, tmp_path):
+    r = train(char_dataset, tmp_path, "offload", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu",
+              "train.max_steps=30")
+    losses = [v for _, v in tensorboard(tmp_path / "offload")[0]["train/loss"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert "exported the model" in r.stdout
+
+
 def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(char_dataset, tmp_path):
     fixed = ("train.lr_decay_steps=40", "train.checkpoint_interval=10")
     train(char_dataset, tmp_path, "again", "train.max_steps=20", *fixed)
