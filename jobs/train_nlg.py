@@ -21,7 +21,7 @@ RECIPE_FILE = "recipe.yaml"
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
     p = _cli.ArgumentParser(description=__doc__, formatter_class=_cli.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="shakespeare-char",
                    help=f"shipped recipe ({', '.join(available_recipes())}) or a YAML path")
@@ -30,7 +30,16 @@ def parse_args():
     p.add_argument("--name", help="run name; an existing run of that name resumes (overrides cluster.run_name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)")
-    return p.parse_args()
+    return p.parse_args(argv)
+
+
+def recipe_from_args(args):
+    """The recipe named on the command line with --data/--storage/--name and every --set applied, validated."""
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.uri"), (args.storage, "cluster.storage"), (args.name, "cluster.run_name")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    return load_recipe(args.recipe, overrides)
 
 
 def check_run_matches(run, recipe) -> None:
@@ -51,12 +60,7 @@ def check_run_matches(run, recipe) -> None:
 
 
 def main() -> int:
-    args = parse_args()
-    overrides = list(args.overrides)
-    for flag, key in ((args.data, "data.uri"), (args.storage, "cluster.storage"), (args.name, "cluster.run_name")):
-        if flag:
-            overrides.append(f"{key}={flag}")
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = recipe_from_args(parse_args())
     check_access(recipe.cluster.storage)  # bucket and credentials, before any work
     plan = plan_nlg_run(recipe)
     c = recipe.cluster
