@@ -49,8 +49,9 @@ def connect(cpus_needed: float = 1.0, log=print) -> str:
         ray.init(address=address, log_to_driver=True)
         log(f"connected to the Ray cluster at {address}")
         return "cluster"
-    # Logical CPUs: the workers' reservation plus headroom so Ray Data's read tasks can run.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1)
+    # Logical CPUs: the workers' reservation plus one whole free CPU (and change) so that Ray Data's
+    # 1-CPU read tasks can always be scheduled beside the training workers.
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed + 0.1) + 1)
     temp_dir = os.environ.get("GENAI_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "genai-ray"))
     os.environ.update(worker_env())
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir,

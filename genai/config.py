@@ -259,3 +259,96 @@ def validate_recipe(data: dict, origin: str = "", cls: type[BaseModel] = NLGReci
 def recipe_to_yaml(recipe: BaseModel) -> str:
     """A recipe as YAML that `load_recipe` reads back to an equal recipe."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+class ParamSpec(_Section):
+    """One searched field: exactly one of the keys below."""
+
+    choice: list[Any] | None = Field(None, description="Pick one of these values.")
+    grid: list[Any] | None = Field(None, description="Try every value (a grid over all grid parameters).")
+    uniform: tuple[float, float] | None = Field(None, description="Float uniformly in [low, high].")
+    loguniform: tuple[float, float] | None = Field(None, description="Float log-uniformly in [low, high] (both > 0).")
+    randint: tuple[int, int] | None = Field(None, description="Integer in [low, high).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ParamSpec":
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, grid, uniform, loguniform, randint (got {given or 'none'})")
+        if self.loguniform and min(self.loguniform) <= 0:
+            raise ValueError("loguniform bounds must be > 0")
+        for bounds in (self.uniform, self.loguniform, self.randint):
+            if bounds and bounds[0] >= bounds[1]:
+                raise ValueError(f"low {bounds[0]} must be below high {bounds[1]}")
+        return self
+
+    def samples(self) -> list[Any]:
+        """Values a recipe must accept (for validating the sweep before Ray starts)."""
+        if self.choice or self.grid:
+            return list(self.choice or self.grid)
+        low, high = self.uniform or self.loguniform or (self.randint[0], self.randint[1] - 1)
+        return [low, high]
+
+
+class SchedulerConfig(_Section):
+    """Early stopping of trials."""
+
+    type: Literal["fifo", "asha"] = Field("asha", description="asha stops clearly worse trials early; fifo runs all to the end.")
+    grace_period: int = Field(20, ge=1, description="Steps every trial trains before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps about 1/reduction_factor of trials at each rung.")
+
+
+class SweepConfig(_Section):
+    """A hyperparameter sweep over a recipe: each trial is a distributed training run."""
+
+    name: str = Field("sweep", description="Sweep name: its folder under storage; rerun with --resume to continue.")
+    base_recipe: str = Field("tiny", description="Shipped recipe name or YAML path every trial starts from.")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to the base recipe.")
+    parameters: dict[str, ParamSpec] = Field(description="Searched fields, by recipe path (e.g. train.lr).")
+    search: Literal["random", "grid"] = Field("random", description="random samples num_samples configs; grid tries all grid values.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    metric: str = Field("val_loss", description="Reported metric to optimise.")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+    num_samples: int = Field(4, ge=1, description="Trials (with grid: repeats of the whole grid).")
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once (each uses cluster.num_workers workers).")
+    storage: str | None = Field(None, description="Where the sweep folder lives; null uses the base recipe's cluster.storage.")
+
+    @model_validator(mode="after")
+    def _grid_only_with_grid_search(self) -> "SweepConfig":
+        if not self.parameters:
+            raise ValueError("parameters: give at least one field to search")
+        kinds = {k: [n for n, v in spec.model_dump().items() if v is not None][0] for k, spec in self.parameters.items()}
+        if self.search == "grid" and any(v != "grid" for v in kinds.values()):
+            bad = next(k for k, v in kinds.items() if v != "grid")
+            raise ValueError(f"parameters.{bad}: search=grid needs grid values for every parameter")
+        if self.search == "random" and "grid" in kinds.values():
+            bad = next(k for k, v in kinds.items() if v == "grid")
+            raise ValueError(f"parameters.{bad}: grid values need search=grid (use choice for random search)")
+        return self
+
+
+def load_sweep(path: str, extra_overrides: list[str] | None = None) -> tuple[SweepConfig, NLGRecipe]:
+    """Load a sweep file and check that every searched value gives a valid recipe, before Ray starts."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    sweep = validate_recipe(data, origin=str(p), cls=SweepConfig)
+    base = load_recipe(sweep.base_recipe, sweep.overrides + list(extra_overrides or []))
+    raw = base.model_dump(mode="json")
+    for key, spec in sweep.parameters.items():
+        for value in spec.samples():
+            trial = apply_overrides(yaml.safe_load(yaml.safe_dump(raw)), [f"{key}={json_value(value)}"])
+            try:
+                validate_recipe(trial)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: parameters.{key}={value!r} gives an invalid recipe: {exc}") from None
+    return sweep, base
+
+
+def json_value(value: Any) -> str:
+    """A value as `--set` text that reads back as the same YAML value."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")

@@ -1,0 +1,121 @@
+"""Hyperparameter sweeps with Ray Tune; every trial is a distributed Ray Train + DeepSpeed run.
+
+    python jobs/tune.py --sweep sweeps/nlg-lr-width.yaml [--storage s3://runs/] [--resume]
+
+Prints a results table at the end and writes, under <storage>/<sweep name>/: results.csv, the best
+trial's config as best-recipe.yaml (ready for jobs/train_nlg.py --recipe), and each trial's run
+(checkpoints, TensorBoard, export) in trials/<trial>.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import _cli
+import yaml
+
+from cluster.launch import fit, parquet_datasets, run_location
+from cluster.ray_env import connect
+from cluster.storage import check_access, resolve
+from cluster.tune import run_sweep, search_space
+from genai.config import apply_overrides, json_value, load_sweep, recipe_to_yaml, validate_recipe
+from genai.train.nlg import plan_nlg_run, train_loop_per_worker
+
+
+def trial_recipe(base: dict, params: dict):
+    overrides = [f"{k}={json_value(v)}" for k, v in params.items()]
+    return validate_recipe(apply_overrides(yaml.safe_load(yaml.safe_dump(base)), overrides))
+
+
+def run_trial(params: dict, base: dict, trials_storage: str) -> None:
+    """Tune's trainable: one trial = one TorchTrainer run, metrics forwarded by TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    recipe = trial_recipe(base, params)
+    name = tune.get_context().get_trial_name()
+    plan = plan_nlg_run(recipe, log=lambda *_: None)
+    c = recipe.cluster
+    run = run_location(trials_storage, name)
+    run.join("recipe.yaml").write_text(recipe_to_yaml(recipe))
+    fit(train_loop_per_worker, plan.loop_config(run.uri), datasets=parquet_datasets(plan.dataset_uris()),
+        num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=trials_storage,
+        name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints,
+        callbacks=[TuneReportCallback()])
+
+
+def main() -> int:
+    p = _cli.ArgumentParser(description=__doc__, formatter_class=_cli.argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, help="sweep YAML file (see sweeps/)")
+    p.add_argument("--storage", help="folder or URI for the sweep (overrides the sweep's storage)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name and storage")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the base recipe (repeatable)")
+    args = p.parse_args()
+    sweep, base_recipe = load_sweep(args.sweep, args.overrides)
+    storage = args.storage or sweep.storage or base_recipe.cluster.storage
+    check_access(storage)
+    root = resolve(storage).join(sweep.name)
+    trials_storage = root.join("trials").uri
+    base = base_recipe.model_dump(mode="json")
+    plan_nlg_run(base_recipe)  # prepares the dataset once, before any trial starts
+
+    from ray import tune
+
+    c = base_recipe.cluster
+    connect(cpus_needed=sweep.max_concurrent_trials * c.num_workers * c.cpus_per_worker)
+    results = run_sweep(tune.with_parameters(run_trial, base=base, trials_storage=trials_storage),
+                        search_space(sweep.parameters), name=sweep.name, storage=storage, metric=sweep.metric,
+                        mode=sweep.mode, num_samples=sweep.num_samples,
+                        max_concurrent_trials=sweep.max_concurrent_trials, scheduler=sweep.scheduler.type,
+                        grace_period=sweep.scheduler.grace_period,
+                        reduction_factor=sweep.scheduler.reduction_factor, max_t=base_recipe.train.max_steps,
+                        resume=args.resume)
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        df = r.metrics_dataframe
+        history = list(df[sweep.metric].dropna()) if df is not None and sweep.metric in df else []
+        best = (min(history) if sweep.mode == "min" else max(history)) if history else None
+        step = metrics.get("step")
+        status = "ERROR" if r.error else ("DONE" if step == base_recipe.train.max_steps else "STOPPED")
+        # The trial's run folder is named after the trial (see run_trial); its checkpoints live there.
+        ckpt = metrics.get("checkpoint_path", "")
+        trial = ckpt.rstrip("/").split("/")[-2] if ckpt else r.path.rstrip("/").split("/")[-1]
+        rows.append({"trial": trial, **{k: r.config.get(k) for k in sweep.parameters}, "step": step,
+                     f"final_{sweep.metric}": metrics.get(sweep.metric), f"best_{sweep.metric}": best,
+                     "status": status, "run": run_location(trials_storage, trial).uri if ckpt else "",
+                     "error": str(r.error).strip().splitlines()[-1][:200] if r.error else ""})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    writer.writerows(rows)
+    root.join("results.csv").write_text(buf.getvalue())
+    key = f"final_{sweep.metric}"
+    print(f"\nsweep {sweep.name}: {len(rows)} trials ({sum(r['status'] == 'ERROR' for r in rows)} failed)")
+    def order(row):
+        value = row[key]
+        missing = not isinstance(value, float) or math.isnan(value)
+        return (missing, 0.0 if missing else (value if sweep.mode == "min" else -value))
+
+    for row in sorted(rows, key=order):
+        params = " ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in sweep.parameters)
+        value = f"{row[key]:.4f}" if isinstance(row[key], float) else "-"
+        print(f"  {row['trial']:<28} {params:<40} step {row['step'] or '-':>5}  {sweep.metric} {value}  {row['status']}")
+    done = [r for r in rows if r["status"] == "DONE" and isinstance(r[key], float)]
+    if not done:
+        return _cli.fail(f"no trial of sweep {sweep.name} finished; see {root.uri}/results.csv", _cli.EXIT_FAILED)
+    best = (min if sweep.mode == "min" else max)(done, key=lambda r: r[key])
+    recipe = trial_recipe(base, {k: best[k] for k in sweep.parameters})
+    root.join("best-recipe.yaml").write_text(recipe_to_yaml(recipe))
+    print(f"best: {best['trial']} {sweep.metric} {best[key]:.4f}")
+    print(f"  results:  {root.join('results.csv').uri}")
+    print(f"  recipe:   {root.join('best-recipe.yaml').uri}  (python jobs/train_nlg.py --recipe <it>)")
+    print(f"  generate: python jobs/generate.py --checkpoint {best['run']}")
+    return _cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    _cli.run_main(main)

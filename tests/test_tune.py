@@ -1,0 +1,71 @@
+"""Sweeps: sweep files are validated before Ray starts; ASHA stops bad trials; a crashing trial does not stop the sweep."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from conftest import run_job
+from genai.config import ConfigError, load_sweep
+
+SWEEP = {
+    "name": "t",
+    "base_recipe": "tiny",
+    "overrides": ["train.max_steps=60", "train.eval_interval=10", "train.checkpoint_interval=20",
+                  "train.sample_interval=0"],
+    "parameters": {"train.lr": {"grid": [3.0e-3, 1.0e-5]}, "train.micro_batch_size": {"grid": [8, 100000]}},
+    "search": "grid",
+    "scheduler": {"type": "asha", "grace_period": 20, "reduction_factor": 2},
+    "num_samples": 1,
+    "max_concurrent_trials": 1,
+}
+
+
+def write(tmp_path, **changes):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, **changes}))
+    return str(path)
+
+
+def test_shipped_sweep_is_valid():
+    sweep, base = load_sweep("sweeps/nlg-lr-width.yaml")
+    assert sweep.scheduler.type == "asha" and base.train.max_steps == 60 and set(sweep.parameters) == {
+        "train.lr", "model.n_embd"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"parameters": {"train.lrr": {"grid": [1]}}}, "parameters.train.lrr=1 gives an invalid recipe"),
+    ({"parameters": {"train.lr": {"uniform": [1, 0.1]}}, "search": "random"}, "low 1.0 must be below high 0.1"),
+    ({"parameters": {"train.lr": {"choice": [1], "grid": [2]}}}, "give exactly one of"),
+    ({"parameters": {"model.n_head": {"grid": [3]}}}, "not divisible by model.n_head=3"),
+    ({"search": "random"}, "grid values need search=grid"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type"),
+    ({"metricz": "x"}, "metricz: unknown field"),
+])
+def test_bad_sweep_files_are_refused_with_the_field(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_sweep(write(tmp_path, **changes))
+    r = run_job("tune.py", "--sweep", write(tmp_path, **changes))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_asha_stops_the_bad_trial_and_a_crashing_trial_does_not_stop_the_sweep(char_dataset, tmp_path):
+    r = run_job("tune.py", "--sweep", write(tmp_path), "--storage", str(tmp_path / "runs"),
+                "--set", f"data.uri={char_dataset}")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "t" / "results.csv")))
+    by = {(float(row["train.lr"]), int(row["train.micro_batch_size"])): row for row in rows}
+    assert len(rows) == 4
+    # micro-batches larger than the dataset: those trials fail; the others still run.
+    assert by[(3e-3, 100000)]["status"] == by[(1e-5, 100000)]["status"] == "ERROR"
+    assert "too few" in by[(3e-3, 100000)]["error"]
+    good, bad = by[(3e-3, 8)], by[(1e-5, 8)]
+    assert good["status"] == "DONE" and int(good["step"]) == 60
+    assert bad["status"] == "STOPPED" and int(bad["step"]) < 60  # ASHA stopped it early
+    assert float(good["final_val_loss"]) < float(bad["final_val_loss"])
+    best = yaml.safe_load((tmp_path / "runs" / "t" / "best-recipe.yaml").read_text())
+    assert best["train"]["lr"] == 3e-3 and best["train"]["micro_batch_size"] == 8
+    assert (tmp_path / "runs" / "t" / "trials" / good["trial"] / "export" / "export.json").exists()
