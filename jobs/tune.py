@@ -35,7 +35,7 @@ def run_trial(params: dict, base: dict, trials_storage: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     recipe = trial_recipe(base, params)
-    name = tune.get_context().get_trial_name()
+    name = tune.get_context().get_trial_id()
     plan = plan_nlg_run(recipe, log=lambda *_: None)
     c = recipe.cluster
     run = run_location(trials_storage, name)
@@ -81,12 +81,11 @@ def main() -> int:
         best = (min(history) if sweep.mode == "min" else max(history)) if history else None
         step = metrics.get("step")
         status = "ERROR" if r.error else ("DONE" if step == base_recipe.train.max_steps else "STOPPED")
-        # The trial's run folder is named after the trial (see run_trial); its checkpoints live there.
-        ckpt = metrics.get("checkpoint_path", "")
-        trial = ckpt.rstrip("/").split("/")[-2] if ckpt else r.path.rstrip("/").split("/")[-1]
+        # Each trial's run folder is named by its trial id (see run_trial).
+        trial = metrics.get("trial_id") or r.path.rstrip("/").split("/")[-1]
         rows.append({"trial": trial, **{k: r.config.get(k) for k in sweep.parameters}, "step": step,
                      f"final_{sweep.metric}": metrics.get(sweep.metric), f"best_{sweep.metric}": best,
-                     "status": status, "run": run_location(trials_storage, trial).uri if ckpt else "",
+                     "status": status, "run": run_location(trials_storage, trial).uri,
                      "error": str(r.error).strip().splitlines()[-1][:200] if r.error else ""})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])

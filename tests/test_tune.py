@@ -69,3 +69,36 @@ def test_asha_stops_the_bad_trial_and_a_crashing_trial_does_not_stop_the_sweep(c
     best = yaml.safe_load((tmp_path / "runs" / "t" / "best-recipe.yaml").read_text())
     assert best["train"]["lr"] == 3e-3 and best["train"]["micro_batch_size"] == 8
     assert (tmp_path / "runs" / "t" / "trials" / good["trial"] / "export" / "export.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_without_retraining_finished_trials(char_dataset, tmp_path):
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--sweep", "sweeps/nlg-lr-width.yaml", "--storage",
+           str(tmp_path), "--set", f"data.uri={char_dataset}", "--set", "train.max_steps=40"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    final = str(tmp_path / "nlg-lr-width" / "trials" / "*" / "checkpoint_00000040" / "trainer_state.json")
+    deadline = time.time() + 400
+    while len(glob.glob(final)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    finished = {p: os.path.getmtime(p) for p in glob.glob(final)}
+    assert finished and proc.poll() is None, "sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray die at once
+    proc.wait()
+
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "sweep nlg-lr-width: 4 trials (0 failed)" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "nlg-lr-width" / "results.csv")))
+    assert len(rows) == 4 and all(row["status"] in ("DONE", "STOPPED") for row in rows)
+    # Trials that had finished were not trained again: their final checkpoints are untouched.
+    assert {p: os.path.getmtime(p) for p in finished} == finished

@@ -316,8 +316,11 @@ def train_loop_per_worker(cfg: dict) -> None:
             stream.drain()
             state["epoch"], state["epoch_step"] = epoch + 1, 0
 
-    if resumed_step == t.max_steps and rank == 0:
-        print(f"run already complete at step {t.max_steps}; refreshing the export", flush=True)
+    if resumed_step >= t.max_steps:  # already complete: report its result again (Tune, the driver's summary)
+        if rank == 0:
+            print(f"run already complete at step {resumed_step}; refreshing the export", flush=True)
+        ray.train.report({"step": resumed_step, "epoch": state["epoch"], "tokens": state["tokens"],
+                          "val_loss": evaluate()})
     export_model(engine, model_config, cfg["run_uri"], cfg["data_uri"], recipe_yaml,
                  recipe.deepspeed.zero_stage, rank)
     logger.close()
