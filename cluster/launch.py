@@ -28,8 +28,7 @@ def parquet_datasets(shards: dict[str, list[str]]) -> dict:
     for split, uris in shards.items():
         loc = resolve(uris[0])
         paths = [resolve(u).path for u in uris]
-        datasets[split] = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["chunk_id", "tokens"],
-                                                shuffle=None)
+        datasets[split] = ray.data.read_parquet(paths, filesystem=loc.fs, shuffle=None)
     return datasets
 
 

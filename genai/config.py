@@ -139,6 +139,7 @@ class ClusterConfig(_Section):
 class NLGRecipe(_Section):
     """A GPT-style language-model training recipe."""
 
+    kind: Literal["gpt"] = Field("gpt", description="Recipe kind: gpt.")
     name: str = Field("custom", description="Recipe name (defaults the run name).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -170,6 +171,106 @@ class NLGRecipe(_Section):
     @property
     def seq_len(self) -> int:
         return self.train.seq_len or self.model.block_size
+
+
+class GANModelConfig(_Section):
+    """DCGAN generator/discriminator shape and the adversarial loss."""
+
+    image_size: int = Field(28, ge=8, description="Image height and width; must match the dataset and be divisible by 4.")
+    channels: int = Field(1, ge=1, le=4, description="Image channels; must match the dataset.")
+    z_dim: int = Field(64, ge=1, description="Latent noise dimensions.")
+    ngf: int = Field(64, ge=2, description="Generator width (feature maps of its last layer x 2).")
+    ndf: int = Field(64, ge=2, description="Discriminator width (feature maps of its first layer).")
+    conditional: bool = Field(False, description="Class-conditional generator and projection discriminator.")
+    loss: Literal["nonsaturating", "hinge", "wgan-gp"] = Field(
+        "nonsaturating", description="nonsaturating (DCGAN), hinge, or wgan-gp (Wasserstein with gradient penalty).")
+    spectral_norm: bool = Field(False, description="Spectral normalisation on the discriminator's layers.")
+
+    @model_validator(mode="after")
+    def _size(self) -> "GANModelConfig":
+        if self.image_size % 4:
+            raise ValueError(f"model.image_size={self.image_size} must be divisible by 4")
+        return self
+
+
+class ImageDataConfig(_Section):
+    """Where the training images come from."""
+
+    uri: str | None = Field(
+        None, description="Prepared image dataset (a folder or URI holding manifest.json). Null: prepare `source` into the cache.")
+    source: str = Field(
+        "builtin:digits", description="Images to prepare when `uri` is null: builtin:digits, mnist:<folder or URI> or mnist:download.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share for sources without a test split.")
+    cache_dir: str = Field("~/.cache/genai-cluster/datasets", description="Where datasets prepared on first use are kept.")
+    shuffle_buffer: int = Field(4096, ge=1, description="Images shuffled together on each worker (seeded, resumable).")
+
+
+class GANTrainConfig(_Section):
+    """GAN optimisation, evaluation, logging and checkpointing. A step is one generator update."""
+
+    batch_size: int = Field(64, ge=2, description="Images per worker per discriminator and generator step.")
+    max_steps: int = Field(3000, ge=1, description="Generator steps to train for.")
+    n_critic: int = Field(1, ge=1, description="Discriminator steps per generator step (5 is usual for wgan-gp).")
+    lr_g: float = Field(2e-4, gt=0.0, description="Generator learning rate (Adam).")
+    lr_d: float = Field(2e-4, gt=0.0, description="Discriminator learning rate (Adam); TTUR sets it above lr_g.")
+    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 of both optimizers.")
+    beta2: float = Field(0.999, gt=0.0, lt=1.0, description="Adam beta2 of both optimizers.")
+    gp_weight: float = Field(10.0, ge=0.0, description="Gradient-penalty weight (wgan-gp only).")
+    grad_clip: float = Field(0.0, ge=0.0, description="Clip each network's gradient norm to this value; 0 disables.")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of generator weights used for samples, eval and export.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision: auto = bf16 on GPU, fp32 on CPU.")
+    seed: int = Field(1337, description="Seed for weights, noise and data order.")
+    log_interval: int = Field(25, ge=1, description="Steps between progress lines and scalar logs.")
+    eval_interval: int = Field(500, ge=1, description="Steps between evaluations (Frechet distance, label agreement).")
+    eval_samples: int = Field(2000, ge=10, description="Generated and real images per evaluation.")
+    classifier: str | None = Field(
+        None, description="Digit classifier (jobs/train_classifier.py output) for the quality metrics; null: no metrics.")
+    sample_interval: int = Field(250, ge=0, description="Steps between fixed-noise sample grids (TensorBoard + PNG); 0 disables.")
+    sample_grid: int = Field(64, ge=1, le=1024, description="Images in each sample grid.")
+    checkpoint_interval: int = Field(500, ge=1, description="Steps between checkpoints (the run always checkpoints at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept in storage.")
+    collapse_patience: int = Field(
+        8, ge=0, description="Stop when the discriminator loss stays ~0 for this many log intervals (collapse); 0 = never.")
+
+
+class GANDeepSpeed(_Section):
+    """One DeepSpeed engine per network, each with its own optimizer and ZeRO stage (0-2)."""
+
+    generator: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+    discriminator: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+
+    @model_validator(mode="after")
+    def _no_stage3(self) -> "GANDeepSpeed":
+        for name in ("generator", "discriminator"):
+            if getattr(self, name).zero_stage == 3:
+                raise ValueError(f"deepspeed.{name}.zero_stage=3 is not supported for GANs (the generator step reads "
+                                 "the discriminator's whole weights); use 0-2")
+        return self
+
+
+class GANRecipe(_Section):
+    """A GAN training recipe (DCGAN, conditional, WGAN-GP)."""
+
+    kind: Literal["gan"] = Field("gan", description="Recipe kind: gan.")
+    name: str = Field("custom-gan", description="Recipe name (defaults the run name).")
+    model: GANModelConfig = Field(default_factory=GANModelConfig)
+    data: ImageDataConfig = Field(default_factory=ImageDataConfig)
+    train: GANTrainConfig = Field(default_factory=GANTrainConfig)
+    deepspeed: GANDeepSpeed = Field(default_factory=GANDeepSpeed)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GANRecipe":
+        if self.train.precision == "fp16" and not self.cluster.use_gpu:
+            raise ValueError("train.precision=fp16 needs cluster.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only)")
+        if self.model.loss == "wgan-gp" and self.model.spectral_norm:
+            raise ValueError("model.spectral_norm=true with model.loss=wgan-gp: the gradient penalty already constrains "
+                             "the critic; choose one")
+        return self
+
+
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"gpt": NLGRecipe, "gan": GANRecipe}
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -213,9 +314,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def available_recipes() -> list[str]:
-    """Names of the recipes shipped with the project."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+def available_recipes(kind: str | None = None) -> list[str]:
+    """Names of the recipes shipped with the project (of one kind when given)."""
+    paths = sorted(RECIPE_DIR.glob("*.yaml"))
+    return [p.stem for p in paths if kind is None or (yaml.safe_load(p.read_text()) or {}).get("kind", "gpt") == kind]
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
@@ -233,8 +335,18 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return shipped
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None, cls: type[BaseModel] = NLGRecipe) -> Any:
-    """Load, override and validate a recipe. Raises ConfigError with the field path and reason."""
+def recipe_class(data: dict, origin: str = "") -> type[BaseModel]:
+    """The recipe model for a raw recipe's `kind` (gpt when absent)."""
+    kind = data.get("kind", "gpt")
+    if kind not in RECIPE_KINDS:
+        prefix = f"{origin}: " if origin else ""
+        raise ConfigError(f"{prefix}kind: {kind!r} is not a recipe kind ({', '.join(RECIPE_KINDS)})")
+    return RECIPE_KINDS[kind]
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, kind: str | None = None) -> Any:
+    """Load, override and validate a recipe (its class from its `kind`). Raises ConfigError with the field
+    path and reason; with `kind`, a recipe of another kind is refused."""
     path = resolve_recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -246,10 +358,16 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, cls: type
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     apply_overrides(data, overrides or [])
-    return validate_recipe(data, origin=str(path), cls=cls)
+    recipe = validate_recipe(data, origin=str(path))
+    if kind and recipe.kind != kind:
+        job = {"gpt": "jobs/train_nlg.py", "gan": "jobs/train_gan.py"}[recipe.kind]
+        raise ConfigError(f"{path}: a {recipe.kind} recipe, not a {kind} recipe (train it with {job})")
+    return recipe
 
 
-def validate_recipe(data: dict, origin: str = "", cls: type[BaseModel] = NLGRecipe) -> Any:
+def validate_recipe(data: dict, origin: str = "", cls: type[BaseModel] | None = None) -> Any:
+    """Validate a raw recipe (class from its `kind` unless given)."""
+    cls = cls or recipe_class(data, origin)
     try:
         return cls.model_validate(data)
     except ValidationError as err:

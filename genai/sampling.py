@@ -1,4 +1,8 @@
-"""Load a trained model from a run, an export or a checkpoint (local or URI) and sample from it."""
+"""Load a trained model from a run, an export or a checkpoint (local or URI) and sample from it.
+
+Both kinds of run (gpt, gan) share the layout: `<run>/export/export.json` names the kind and files;
+a checkpoint's `trainer_state.json` names its kind and its `meta/` folder holds what sampling needs.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +67,13 @@ def find_model_source(uri: str) -> tuple[str, Location]:
     raise CheckpointError(f"{uri}: no export/ and no checkpoint_* folder with a {TRAINER_STATE} (not a run folder?)")
 
 
+def model_kind(uri: str) -> str:
+    """'gpt' or 'gan' for a run, export or checkpoint folder."""
+    source, loc = find_model_source(uri)
+    index = loc.join(EXPORT_INDEX if source == "export" else TRAINER_STATE)
+    return json.loads(index.read_text()).get("kind", "gpt")
+
+
 def _consolidate(ckpt_dir: str, tag: str, zero_stage: int) -> dict:
     """fp32 weights from DeepSpeed shards: ZeRO stages 1-3 through zero_to_fp32, stage 0 from the module file."""
     if zero_stage == 0:
@@ -117,3 +128,82 @@ def sample_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperatu
     out = generate(loaded.model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
                    vocab_size=loaded.tokenizer.vocab_size)
     return [loaded.tokenizer.decode(row.tolist()) for row in out]
+
+
+EMA_FILE = "ema_generator.pt"
+
+
+@dataclass
+class LoadedGenerator:
+    model: "torch.nn.Module"
+    config: "object"  # GANConfig
+    source: str
+    step: int | None
+
+
+def load_generator(uri: str, device: str = "cpu") -> LoadedGenerator:
+    """The EMA generator of a GAN run: its export, else its latest checkpoint's meta/ (no DeepSpeed needed)."""
+    from genai.models.gan import GANConfig, Generator
+
+    kind, loc = find_model_source(uri)
+    if kind == "export":
+        index = json.loads(loc.join(EXPORT_INDEX).read_text())
+        files, step = (index["model_config"], index["weights"]), index.get("step")
+        base = loc
+    else:
+        step = json.loads(loc.join(TRAINER_STATE).read_text())["step"]
+        base, files = loc.join("meta"), ("model_config.json", EMA_FILE)
+    try:
+        cfg = GANConfig(**json.loads(base.join(files[0]).read_text()))
+        state = torch.load(io.BytesIO(base.join(files[1]).read_bytes()), map_location="cpu")
+    except (StorageError, KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{loc.uri}: not a usable GAN generator ({exc})") from None
+    model = Generator(cfg)
+    model.load_state_dict(state["module"] if "module" in state else state)
+    return LoadedGenerator(model.to(device).eval(), cfg, loc.uri, step)
+
+
+@torch.no_grad()
+def sample_images(loaded: LoadedGenerator, num: int, seed: int, label: int | None = None) -> torch.Tensor:
+    """`num` images in [-1, 1]; a conditional model draws `label`, or cycles 0..classes-1 when None."""
+    cfg = loaded.config
+    device = next(loaded.model.parameters()).device
+    if label is not None and not cfg.num_classes:
+        raise CheckpointError("--label: this generator is not class-conditional")
+    if label is not None and not 0 <= label < cfg.num_classes:
+        raise CheckpointError(f"--label {label}: the generator knows classes 0..{cfg.num_classes - 1}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(num, cfg.z_dim, generator=gen, device=device)
+    labels = None
+    if cfg.num_classes:
+        labels = (torch.full((num,), label, device=device) if label is not None
+                  else torch.arange(num, device=device) % cfg.num_classes)
+    return loaded.model(z, labels).float()
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2):
+    """Images in [-1, 1] (N, C, H, W) tiled into one uint8 array (height, width, channels)."""
+    import math
+
+    import numpy as np
+
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = pixels[i]
+    return grid
+
+
+def png_bytes(grid) -> bytes:
+    """A uint8 (height, width, channels) array as PNG file bytes."""
+    from PIL import Image
+
+    img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

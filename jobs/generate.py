@@ -1,6 +1,8 @@
-"""Generate text from a trained run (its export, or its latest checkpoint), local or in object storage.
+"""Generate from a trained run (its export, or its latest checkpoint), local or in object storage.
+The run's kind decides what comes out: text from a GPT run, a PNG grid of images from a GAN run.
 
     python jobs/generate.py --checkpoint ~/genai-runs/shakespeare-demo --prompt "ROMEO:"
+    python jobs/generate.py --checkpoint ~/genai-runs/dcgan-mnist --num 64 --out grid.png [--label 7]
 """
 
 from __future__ import annotations
@@ -8,32 +10,70 @@ from __future__ import annotations
 import _cli
 import torch
 
-from genai.sampling import load_model, sample_text
+from cluster.storage import check_access, resolve
+from genai.sampling import (load_generator, load_model, model_kind, png_bytes, image_grid, sample_images,
+                            sample_text)
 
 
-def main() -> int:
+def parse_args():
     p = _cli.ArgumentParser(description=__doc__, formatter_class=_cli.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder, export folder or checkpoint folder (path or URI)")
-    p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text)")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same output)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", help="write the output here (path or URI): a .png grid for GANs, text for GPT runs")
+    text = p.add_argument_group("text (GPT runs)")
+    text.add_argument("--prompt", default="\n", help="text to continue")
+    text.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate")
+    text.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    text.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 = all")
+    text.add_argument("--num-samples", type=int, default=1, help="independent text samples")
+    images = p.add_argument_group("images (GAN runs)")
+    images.add_argument("--num", type=int, default=64, help="images in the grid")
+    images.add_argument("--label", type=int, help="class to draw (class-conditional GANs); default: every class in turn")
+    images.add_argument("--nrow", type=int, help="images per grid row (default: square grid, or one row per class)")
     args = p.parse_args()
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0 or args.top_k < 0:
         p.error("--max-new-tokens and --num-samples must be >= 1, --temperature and --top-k >= 0")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not 1 <= args.num <= 4096 or (args.nrow is not None and args.nrow < 1):
+        p.error("--num must be between 1 and 4096 and --nrow >= 1")
+    return args
+
+
+def generate_images(args, device: str) -> None:
+    loaded = load_generator(args.checkpoint, device=device)
+    images = sample_images(loaded, args.num, args.seed, args.label)
+    classes = loaded.config.num_classes
+    nrow = args.nrow or (classes if classes and args.label is None and args.num % classes == 0 else None)
+    out = args.out or "grid.png"
+    resolve(out).write_bytes(png_bytes(image_grid(images, nrow)))
+    step = f" (step {loaded.step})" if loaded.step is not None else ""
+    print(f"wrote {args.num} images ({loaded.config.image_size}x{loaded.config.image_size}) from {loaded.source}"
+          f"{step} to {out}", flush=True)
+
+
+def generate_text(args, device: str) -> None:
     loaded = load_model(args.checkpoint, device=device)
     step = f" (step {loaded.step})" if loaded.step is not None else ""
     print(f"# model from {loaded.source}{step}", flush=True)
     texts = sample_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                         args.seed, args.num_samples)
+    if args.out:
+        resolve(args.out).write_text("\n\n".join(texts) + "\n")
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
+
+
+def main() -> int:
+    args = parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.out:
+        check_access(args.out)
+    if model_kind(args.checkpoint) == "gan":
+        generate_images(args, device)
+    else:
+        generate_text(args, device)
     return _cli.EXIT_OK
 
 

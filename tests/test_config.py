@@ -2,7 +2,7 @@
 
 import pytest
 
-from genai.config import ConfigError, NLGRecipe, available_recipes, load_recipe, recipe_to_yaml
+from genai.config import ConfigError, GANRecipe, NLGRecipe, available_recipes, load_recipe, recipe_to_yaml
 
 
 @pytest.mark.parametrize("name", available_recipes())
@@ -60,7 +60,33 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     assert load_recipe(str(path)) == r
 
 
-def test_every_field_is_documented():
+def test_recipe_kinds():
+    assert set(available_recipes("gan")) >= {"tiny-gan", "dcgan-mnist"}
+    assert not set(available_recipes("gan")) & set(available_recipes("gpt"))
+    gan = load_recipe("dcgan-mnist")
+    assert isinstance(gan, GANRecipe) and gan.model.conditional and gan.cluster.num_workers == 2
+    assert gan.deepspeed.generator.zero_stage == 2 and gan.deepspeed.discriminator.zero_stage == 2
+    with pytest.raises(ConfigError, match="a gan recipe, not a gpt recipe"):
+        load_recipe("tiny-gan", kind="gpt")
+    with pytest.raises(ConfigError, match="kind: 'vae' is not a recipe kind"):
+        load_recipe("tiny", ["kind=vae"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.image_size=30", "model.image_size=30 must be divisible by 4"),
+    ("train.n_critic=0", "train.n_critic: Input should be greater than or equal to 1"),
+    ("deepspeed.generator.zero_stage=3", "deepspeed.generator.zero_stage=3 is not supported for GANs"),
+    ("deepspeed.generator.offload_param=cpu", "offload_param needs deepspeed.zero_stage = 3"),
+    ("train.lr=1e-3", "train.lr: unknown field"),
+])
+def test_invalid_gan_recipes_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("tiny-gan", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cls", [NLGRecipe, GANRecipe])
+def test_every_field_is_documented(cls):
     def walk(model):
         for name, field in model.model_fields.items():
             ann = field.annotation
@@ -68,5 +94,5 @@ def test_every_field_is_documented():
                 yield from walk(ann)
             elif name != "name":
                 yield name, field.description
-    missing = [n for n, d in walk(NLGRecipe) if not d]
+    missing = [n for n, d in walk(cls) if not d]
     assert missing == []

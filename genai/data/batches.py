@@ -87,3 +87,44 @@ class WindowStream:
         """Consume the rest of the epoch's rows so the next epoch can start on every worker."""
         for _ in self._source:
             pass
+
+
+class ExampleStream:
+    """One epoch of one worker's examples (images and labels) as shuffled batches, reproducible like
+    WindowStream: examples are shuffled in buffers with an RNG seeded by (seed, epoch, rank)."""
+
+    def __init__(self, batches: Iterable, decode, batch_size: int, seed: int, epoch: int, rank: int,
+                 shuffle_buffer: int = 4096):
+        self._source = iter(batches)
+        self.decode, self.batch_size = decode, batch_size
+        self.buffer = max(shuffle_buffer, batch_size)
+        self.rng = np.random.default_rng([seed, epoch, rank, 0x1A6E])
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        pending: list[tuple[np.ndarray, ...]] = []
+        count, carry = 0, None
+        for batch in self._source:
+            arrays = self.decode(batch)
+            pending.append(arrays)
+            count += len(arrays[0])
+            if count >= self.buffer:
+                carry = yield from self._emit(carry, pending)
+                pending, count = [], 0
+        yield from self._emit(carry, pending)
+
+    def _emit(self, carry, pending):
+        parts = ([carry] if carry is not None else []) + pending
+        if not parts:
+            return None
+        columns = [np.concatenate(cols) for cols in zip(*parts)]
+        order = self.rng.permutation(len(columns[0]))
+        columns = [c[order] for c in columns]
+        full = len(order) // self.batch_size * self.batch_size
+        for i in range(0, full, self.batch_size):
+            yield tuple(c[i:i + self.batch_size] for c in columns)
+        return tuple(c[full:] for c in columns)
+
+    def drain(self) -> None:
+        """Consume the rest of the epoch's rows so the next epoch can start on every worker."""
+        for _ in self._source:
+            pass

@@ -14,7 +14,6 @@ to chunk_tokens - 1.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -22,19 +21,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from cluster.storage import Location, StorageError, resolve
+from cluster.storage import Location, resolve
+from genai.data.shards import (  # noqa: F401  (DatasetError, CHECKSUM_LIMIT_BYTES: public names of this module)
+    CHECKSUM_LIMIT_BYTES, FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location, read_manifest,
+    write_shard,
+)
+from genai.data.shards import verify_shards as _verify_shards
 from genai.data.sources import read_corpus
 from genai.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, tokenizer_from_json
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
 DATASET_KIND = "text-tokens"
-
-
-class DatasetError(ValueError):
-    """A dataset is missing, incomplete or inconsistent; the message names the URI."""
 
 
 @dataclass
@@ -92,15 +89,9 @@ class TokenShardWriter:
                 "chunk_id": pa.array(np.arange(first, first + len(rows), dtype=np.int64)),
                 "tokens": pa.ListArray.from_arrays(pa.array(offsets), values),
             })
-            buf = io.BytesIO()
-            pq.write_table(table, buf, row_group_size=64, compression="zstd")
-            data = buf.getvalue()
-            rel = f"{self.split}/part-{shard_idx:05d}.parquet"
-            self.base.join(rel).write_bytes(data)
-            self.shards.append({
-                "path": rel, "rows": len(rows), "tokens": int(offsets[-1]),
-                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            })
+            entry = write_shard(self.base, f"{self.split}/part-{shard_idx:05d}.parquet", table, row_group_size=64)
+            self.shards.append({"path": entry["path"], "rows": entry["rows"], "tokens": int(offsets[-1]),
+                                "bytes": entry["bytes"], "sha256": entry["sha256"]})
         last = n - starts[-1] if starts else 0
         return SplitInfo(tokens=n, rows=len(starts), last_row_tokens=last, shards=self.shards)
 
@@ -123,9 +114,7 @@ def prepare_text_dataset(
         raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 0.5")
     if chunk_tokens < 8:
         raise DatasetError(f"--chunk-tokens {chunk_tokens}: must be at least 8")
-    out = resolve(out_uri)
-    if out.join(MANIFEST_FILE).exists() and not overwrite:
-        raise DatasetError(f"{out.uri} already holds a prepared dataset (pass --overwrite to replace it)")
+    out = output_location(out_uri, overwrite)
     t0 = time.time()
     text = read_corpus(source)
     log(f"read {len(text):,} characters from {source}")
@@ -140,9 +129,7 @@ def prepare_text_dataset(
     log(f"tokenized with {tok.kind} tokenizer: vocab {tok.vocab_size}, {len(ids):,} tokens")
 
     # Clear a half-written earlier attempt (no manifest) or an overwritten dataset.
-    for name in ("train", "val", MANIFEST_FILE, TOKENIZER_FILE):
-        out.join(name).delete()
-    out.mkdirs()
+    clear_output(out, ("train", "val", TOKENIZER_FILE))
     tok_bytes = tok.to_json().encode()
     out.join(TOKENIZER_FILE).write_bytes(tok_bytes)
     splits = {
@@ -169,25 +156,8 @@ def prepare_text_dataset(
 
 def load_manifest(uri: str) -> TextManifest:
     """Read and check a dataset's manifest. Raises DatasetError naming the URI."""
-    try:
-        loc = resolve(uri)
-        raw_text = loc.join(MANIFEST_FILE).read_text()
-    except StorageError as exc:
-        if "does not exist" in str(exc):
-            raise DatasetError(
-                f"{uri}: no {MANIFEST_FILE} (not a prepared dataset, or its preparation did not finish; "
-                "run jobs/prepare_data.py)") from None
-        raise DatasetError(f"{uri}: {exc}") from None
-    except OSError as exc:
-        raise DatasetError(f"{uri}: cannot read the dataset ({exc})") from None
-    try:
-        raw = json.loads(raw_text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{uri}/{MANIFEST_FILE}: not valid JSON ({exc})") from None
-    if raw.get("kind") != DATASET_KIND:
-        raise DatasetError(f"{uri}: dataset kind {raw.get('kind')!r} is not {DATASET_KIND!r}")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{uri}: format version {raw.get('format_version')} (this code reads {FORMAT_VERSION})")
+    raw = read_manifest(uri, DATASET_KIND)
+    loc = resolve(uri)
     splits = {k: SplitInfo(**v) for k, v in raw["splits"].items()}
     return TextManifest(uri=loc.uri, vocab_size=raw["vocab_size"], tokenizer_kind=raw["tokenizer"]["kind"],
                         chunk_tokens=raw["chunk_tokens"], splits=splits, raw=raw)
@@ -197,28 +167,10 @@ def load_tokenizer(dataset_uri: str) -> Tokenizer:
     return tokenizer_from_json(resolve(dataset_uri).join(TOKENIZER_FILE).read_text())
 
 
-CHECKSUM_LIMIT_BYTES = 256 * 1024 * 1024  # above this, verify_shards(checksums=None) checks sizes only
-
-
 def verify_shards(manifest: TextManifest, checksums: bool | None = None) -> None:
     """Check every shard against the manifest (size, and sha256 when `checksums`, by default for datasets
     up to 256 MiB). Raises DatasetError naming the shard that is missing or corrupt."""
-    base = resolve(manifest.uri)
-    shards = [s for info in manifest.splits.values() for s in info.shards]
-    if checksums is None:
-        checksums = sum(s["bytes"] for s in shards) <= CHECKSUM_LIMIT_BYTES
-    for shard in shards:
-        loc = base.join(shard["path"])
-        try:
-            info = loc.fs.get_file_info(loc.path)
-            if info.type.name == "NotFound":
-                raise DatasetError(f"{loc.uri}: shard listed in the manifest is missing")
-            if info.size != shard["bytes"]:
-                raise DatasetError(f"{loc.uri}: shard is corrupt ({info.size} bytes, the manifest says {shard['bytes']})")
-            if checksums and hashlib.sha256(loc.read_bytes()).hexdigest() != shard["sha256"]:
-                raise DatasetError(f"{loc.uri}: shard is corrupt (checksum does not match the manifest)")
-        except (StorageError, OSError) as exc:
-            raise DatasetError(f"{loc.uri}: {exc}") from None
+    _verify_shards(manifest.uri, [s for info in manifest.splits.values() for s in info.shards], checksums)
 
 
 def cached_dataset_uri(source: str, tokenizer: str, bpe_vocab_size: int, val_fraction: float, chunk_tokens: int,

@@ -60,8 +60,11 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(checkpoint, engines: dict, rank: int, world_size: int) -> dict:
-    """Load every engine's shards, this rank's RNG state, and return the trainer state."""
+def restore(checkpoint, engines: dict, rank: int, world_size: int,
+            load_extra: Callable[[str], None] | None = None) -> dict:
+    """Load every engine's shards, this rank's RNG state, and return the trainer state.
+
+    `load_extra(folder)` reads anything else the loop saved in the checkpoint (e.g. an EMA under meta/)."""
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, TRAINER_STATE)) as f:
             state = json.load(f)
@@ -76,4 +79,6 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int) -> dict:
         rng_file = os.path.join(d, "rng", f"rank{rank}.pt")
         if os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))
+        if load_extra:
+            load_extra(d)
     return state

@@ -21,6 +21,7 @@ from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models.gpt import GPT, GPTConfig, generate
 from genai.sampling import EXPORT_DIR, EXPORT_INDEX
 from genai.train.checkpoint import restore, save_and_report
+from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
 from genai.train.tracking import RunLogger
 
@@ -249,10 +250,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     step_t0 = time.perf_counter()
     steps_timed = 0
 
-    def at_step_end(step: int) -> None:
+    def at_step_end(step: int, stopping: bool) -> None:
         nonlocal loss_sum, loss_count, step_t0, steps_timed
         metrics: dict = {}
-        save = step % t.checkpoint_interval == 0 or step == t.max_steps
+        save = stopping or step % t.checkpoint_interval == 0 or step == t.max_steps
         if (save or step % t.log_interval == 0) and not torch.isfinite(loss_sum):
             raise FloatingPointError(f"training loss is {loss_sum.item()} by step {step}; the last checkpoint is "
                                      "intact (lower train.lr or raise train.warmup_steps)")
@@ -290,7 +291,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         if metrics:
             step_t0, steps_timed = time.perf_counter(), 0
 
-    while state["step"] < t.max_steps:
+    stop = StopFlag(cfg["run_uri"], rank, device)
+    stopped = False
+    while state["step"] < t.max_steps and not stopped:
         epoch = state["epoch"]
         n_steps = steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)
         stream = WindowStream(train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH,
@@ -311,11 +314,19 @@ def train_loop_per_worker(cfg: dict) -> None:
             state["epoch_step"] += 1
             state["tokens"] += tokens_per_step
             steps_timed += 1
-            at_step_end(state["step"])
+            stopped = stop.requested()
+            at_step_end(state["step"], stopped)
+            if stopped:
+                break
         if state["epoch_step"] >= n_steps:
             stream.drain()
             state["epoch"], state["epoch_step"] = epoch + 1, 0
 
+    if stopped:
+        logger.close()
+        if rank == 0:
+            print(f"stopped on request after step {state['step']}; its checkpoint is saved", flush=True)
+        return
     if resumed_step >= t.max_steps:  # already complete: report its result again (Tune, the driver's summary)
         if rank == 0:
             print(f"run already complete at step {resumed_step}; refreshing the export", flush=True)

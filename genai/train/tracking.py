@@ -22,8 +22,9 @@ class RunLogger:
 
         self.remote = resolve(run_uri).join(TENSORBOARD_DIR)
         self.local_dir = self.remote.path if self.remote.local else local_scratch("genai-tb-")
-        # purge_step hides events a crashed attempt logged after the checkpoint we resumed from.
-        self.writer = SummaryWriter(self.local_dir, purge_step=start_step if start_step else None)
+        # purge_step hides events a crashed attempt logged after the checkpoint we resumed from (the
+        # checkpoint's own step was logged before it was saved, so its events stay).
+        self.writer = SummaryWriter(self.local_dir, purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:
@@ -35,6 +36,11 @@ class RunLogger:
         if self.writer:
             # Markdown code block keeps line breaks and spacing of the sample.
             self.writer.add_text(tag, "```\n" + text + "\n```", step)
+
+    def image(self, step: int, tag: str, image_hwc) -> None:
+        """An image (uint8 array, height x width x channels)."""
+        if self.writer:
+            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
 
     def progress(self, step: int, parts: dict[str, str]) -> None:
         if self.rank != 0:

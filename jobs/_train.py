@@ -1,0 +1,138 @@
+"""The driver side shared by the training jobs: arguments, recipe, run folder, Ray, fit, summary."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Callable
+
+import _cli
+import yaml
+
+from cluster.launch import fit, parquet_datasets, run_location, run_name_default
+from cluster.ray_env import connect
+from cluster.storage import StorageError, check_access
+from genai.config import ConfigError, available_recipes, load_recipe, recipe_to_yaml
+from genai.train.interrupt import clear_stop, request_stop
+
+RECIPE_FILE = "recipe.yaml"
+# Fields a resumed run must keep: its checkpoints hold weights and optimizer shards of this shape.
+FIXED_FIELDS = {
+    "gpt": {"model": ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"),
+            "cluster": ("num_workers",), "deepspeed": ("zero_stage",)},
+    "gan": {"model": ("image_size", "channels", "z_dim", "ngf", "ndf", "conditional", "spectral_norm"),
+            "cluster": ("num_workers",)},
+}
+
+
+def parse_args(doc: str, kind: str, default_recipe: str, argv: list[str] | None = None):
+    p = _cli.ArgumentParser(description=doc, formatter_class=_cli.argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=default_recipe,
+                   help=f"shipped recipe ({', '.join(available_recipes(kind))}) or a YAML path")
+    p.add_argument("--data", help="prepared dataset folder or URI (overrides data.uri)")
+    p.add_argument("--storage", help="where runs live: folder or URI (overrides cluster.storage)")
+    p.add_argument("--name", help="run name; an existing run of that name resumes (overrides cluster.run_name)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.max_steps=500 (repeatable)")
+    return p.parse_args(argv)
+
+
+def recipe_from_args(args, kind: str):
+    """The recipe named on the command line with --data/--storage/--name and every --set applied, validated."""
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.uri"), (args.storage, "cluster.storage"), (args.name, "cluster.run_name")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    return load_recipe(args.recipe, overrides, kind=kind)
+
+
+def check_run_matches(run, recipe) -> None:
+    """Resuming a run with a different model shape would fail deep inside DeepSpeed: say so now."""
+    previous = run.join(RECIPE_FILE)
+    if not previous.exists():
+        return
+    old = yaml.safe_load(previous.read_text())
+    new = recipe.model_dump(mode="json")
+    if old.get("kind", "gpt") != recipe.kind:
+        raise ConfigError(f"run {run.uri} is a {old.get('kind', 'gpt')} run: use another --name")
+    for section, keys in FIXED_FIELDS[recipe.kind].items():
+        for key in keys:
+            if old.get(section, {}).get(key) != new[section][key]:
+                raise ConfigError(
+                    f"run {run.uri} exists with {section}.{key}={old[section].get(key)}, this recipe has "
+                    f"{new[section][key]}: use another --name to start a new run")
+
+
+def train(recipe, plan, train_fn: Callable[[dict], None],
+          summary: Callable[[object, dict], tuple[str, list[str]]]) -> int:
+    """Write the run's recipe, connect to Ray, run the workers and print the outcome. Returns the exit code.
+
+    `summary(run, final_metrics)` gives the result headline (", val loss 1.23") and lines of what to do next."""
+    c = recipe.cluster
+    name = c.run_name or run_name_default(recipe.name)
+    run = run_location(c.storage, name)
+    try:
+        check_run_matches(run, recipe)
+        run.join(RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    except OSError as exc:
+        raise StorageError(f"{run.uri}: cannot write the run folder ({exc})") from None
+
+    print(f"run {name}: {run.uri}", flush=True)
+    clear_stop(run.uri)  # a stop request left by an earlier, interrupted attempt
+    connect(cpus_needed=c.num_workers * c.cpus_per_worker)
+    stopping = []
+
+    def on_signal(signum, frame):
+        if stopping:  # a second Ctrl-C aborts without waiting
+            raise KeyboardInterrupt
+        stopping.append(signum)
+        print(f"{signal.Signals(signum).name}: the workers checkpoint after their current step and stop "
+              "(send it again to abort at once)", flush=True)
+        request_stop(run.uri)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = _in_thread(lambda: fit(
+            train_fn, plan.loop_config(run.uri), datasets=parquet_datasets(plan.dataset_uris()),
+            num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
+            name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints))
+    except Exception as exc:  # Ray raises TrainingFailedError carrying the workers' errors
+        return _cli.fail(f"training failed: {exc}\nresume with: --name {name}", _cli.EXIT_FAILED)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if result.error:
+        return _cli.fail(f"training failed: {result.error}\nresume with: --name {name}", _cli.EXIT_FAILED)
+    metrics = result.metrics or {}
+    if stopping:
+        clear_stop(run.uri)
+        step = metrics.get("step", "?")
+        return _cli.fail(f"stopped at step {step} with a checkpoint; resume with: --name {name}",
+                         _cli.EXIT_INTERRUPTED)
+    headline, lines = summary(run, metrics)
+    print(f"done: run {name} at step {metrics.get('step', recipe.train.max_steps)}{headline}")
+    print(f"  checkpoint:  {result.checkpoint.path if result.checkpoint else '-'}")
+    for line in lines:
+        print(f"  {line}")
+    print(f"  tensorboard: tensorboard --logdir {run.join('tensorboard').uri}")
+    return _cli.EXIT_OK
+
+
+def _in_thread(fn):
+    """Run fn in a thread and wait for it here. Signals are handled by the main thread only, and Ray Train
+    replaces the SIGINT handler (with an immediate abort) only when fit() runs in the main thread."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
