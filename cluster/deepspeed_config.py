@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -59,3 +60,11 @@ def build_deepspeed_config(ds: Any, train: Any, num_workers: int, use_gpu: bool)
     if ds.offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return _merge(cfg, dict(ds.config_overrides))
+
+
+def gan_engine_config(ds: Any, train: Any, lr: float, num_workers: int, use_gpu: bool) -> dict:
+    """One GAN network's DeepSpeed config: `ds` is its part of the recipe's `deepspeed` section, `train` the
+    GAN recipe's `train` section (batch per worker, no accumulation, Adam without weight decay)."""
+    opt = SimpleNamespace(micro_batch_size=train.batch_size, grad_accum=1, grad_clip=train.grad_clip,
+                          precision=train.precision, lr=lr, beta1=train.beta1, beta2=train.beta2, weight_decay=0.0)
+    return build_deepspeed_config(ds, opt, num_workers, use_gpu)

@@ -3,7 +3,7 @@
     python jobs/tune.py --sweep sweeps/nlg-lr-width.yaml [--storage s3://runs/] [--resume]
 
 Prints a results table at the end and writes, under <storage>/<sweep name>/: results.csv, the best
-trial's config as best-recipe.yaml (ready for jobs/train_nlg.py --recipe), and each trial's run
+trial's config as best-recipe.yaml (ready for jobs/train_nlg.py or jobs/train_gan.py --recipe), and each trial's run
 (checkpoints, TensorBoard, export) in trials/<trial>.
 """
 
@@ -21,7 +21,12 @@ from cluster.ray_env import connect
 from cluster.storage import check_access, resolve
 from cluster.tune import run_sweep, search_space
 from genai.config import apply_overrides, json_value, load_sweep, recipe_to_yaml, validate_recipe
-from genai.train.nlg import plan_nlg_run, train_loop_per_worker
+from genai.train import gan, nlg
+from genai.train.tracking import write_hparams
+
+# Per recipe kind: the driver-side plan, the per-worker loop, and the job that trains the best recipe.
+KINDS = {"gpt": (nlg.plan_nlg_run, nlg.train_loop_per_worker, "jobs/train_nlg.py"),
+         "gan": (gan.plan_gan_run, gan.train_loop_per_worker, "jobs/train_gan.py")}
 
 
 def trial_recipe(base: dict, params: dict):
@@ -36,7 +41,8 @@ def run_trial(params: dict, base: dict, trials_storage: str) -> None:
 
     recipe = trial_recipe(base, params)
     name = tune.get_context().get_trial_id()
-    plan = plan_nlg_run(recipe, log=lambda *_: None)
+    plan_run, train_loop_per_worker, _ = KINDS[recipe.kind]
+    plan = plan_run(recipe, log=lambda *_: None)
     c = recipe.cluster
     run = run_location(trials_storage, name)
     run.join("recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -60,7 +66,7 @@ def main() -> int:
     root = resolve(storage).join(sweep.name)
     trials_storage = root.join("trials").uri
     base = base_recipe.model_dump(mode="json")
-    plan_nlg_run(base_recipe)  # prepares the dataset once, before any trial starts
+    KINDS[base_recipe.kind][0](base_recipe)  # checks the data (preparing it once) before any trial starts
 
     from ray import tune
 
@@ -92,6 +98,9 @@ def main() -> int:
     writer.writeheader()
     writer.writerows(rows)
     root.join("results.csv").write_text(buf.getvalue())
+    for row in rows:  # TensorBoard's HParams view: one run per trial under <sweep>/tensorboard/
+        write_hparams(root.join("tensorboard", row["trial"]).uri, {k: row[k] for k in sweep.parameters},
+                      {k: row[k] for k in (f"final_{sweep.metric}", f"best_{sweep.metric}", "step")})
     key = f"final_{sweep.metric}"
     print(f"\nsweep {sweep.name}: {len(rows)} trials ({sum(r['status'] == 'ERROR' for r in rows)} failed)")
     def order(row):
@@ -111,8 +120,9 @@ def main() -> int:
     root.join("best-recipe.yaml").write_text(recipe_to_yaml(recipe))
     print(f"best: {best['trial']} {sweep.metric} {best[key]:.4f}")
     print(f"  results:  {root.join('results.csv').uri}")
-    print(f"  recipe:   {root.join('best-recipe.yaml').uri}  (python jobs/train_nlg.py --recipe <it>)")
+    print(f"  recipe:   {root.join('best-recipe.yaml').uri}  (python {KINDS[recipe.kind][2]} --recipe <it>)")
     print(f"  generate: python jobs/generate.py --checkpoint {best['run']}")
+    print(f"  curves:   tensorboard --logdir {root.uri}   (trials side by side; HParams tab)")
     return _cli.EXIT_OK
 
 

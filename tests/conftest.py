@@ -36,6 +36,23 @@ def char_dataset(corpus_file, tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def digits_dataset(tmp_path_factory) -> str:
+    from genai.data.image_dataset import prepare_image_dataset
+
+    out = tmp_path_factory.mktemp("datasets") / "digits"
+    prepare_image_dataset("builtin:digits", str(out), log=lambda *_: None)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def classifier(digits_dataset, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("classifier") / "digits-clf"
+    r = run_job("train_classifier.py", "--data", digits_dataset, "--out", str(out), "--epochs", "3")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return str(out)
+
+
 def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run jobs/<script> as a user would and capture its output."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

@@ -15,23 +15,6 @@ from conftest import run_job
 SLOW = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def digits_dataset(tmp_path_factory) -> str:
-    from genai.data.image_dataset import prepare_image_dataset
-
-    out = tmp_path_factory.mktemp("datasets") / "digits"
-    prepare_image_dataset("builtin:digits", str(out), log=lambda *_: None)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def classifier(digits_dataset, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("classifier") / "digits-clf"
-    r = run_job("train_classifier.py", "--data", digits_dataset, "--out", str(out), "--epochs", "3")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return str(out)
-
-
 def train(data: str, storage: Path, name: str, *sets: str, expect: int = 0):
     args = ["--recipe", "tiny-gan", "--data", data, "--storage", str(storage), "--name", name]
     for s in sets:

@@ -69,6 +69,37 @@ def test_asha_stops_the_bad_trial_and_a_crashing_trial_does_not_stop_the_sweep(c
     best = yaml.safe_load((tmp_path / "runs" / "t" / "best-recipe.yaml").read_text())
     assert best["train"]["lr"] == 3e-3 and best["train"]["micro_batch_size"] == 8
     assert (tmp_path / "runs" / "t" / "trials" / good["trial"] / "export" / "export.json").exists()
+    # TensorBoard's HParams view: one run per trial with its parameters and final metric.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "t" / "tensorboard" / good["trial"]))
+    acc.Reload()
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+    assert acc.Scalars("hparams/final_val_loss")[0].value == pytest.approx(float(good["final_val_loss"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_gan_sweep_over_losses_reports_frechet_distance(digits_dataset, classifier, tmp_path):
+    sweep = {"name": "g", "base_recipe": "tiny-gan",
+             "overrides": ["train.max_steps=20", "train.eval_interval=10", "train.checkpoint_interval=10",
+                           "train.eval_samples=200", f"train.classifier={classifier}", f"data.uri={digits_dataset}"],
+             "parameters": {"model.loss": {"grid": ["nonsaturating", "hinge", "wgan-gp"]}},
+             "search": "grid", "scheduler": {"type": "fifo"}, "metric": "fd", "mode": "min", "num_samples": 1,
+             "max_concurrent_trials": 2}
+    path = tmp_path / "gan.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    r = run_job("tune.py", "--sweep", str(path), "--storage", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "g" / "results.csv")))
+    assert sorted(row["model.loss"] for row in rows) == ["hinge", "nonsaturating", "wgan-gp"]
+    assert all(row["status"] == "DONE" and float(row["final_fd"]) > 0 for row in rows)
+    best = yaml.safe_load((tmp_path / "runs" / "g" / "best-recipe.yaml").read_text())
+    assert best["kind"] == "gan" and "python jobs/train_gan.py --recipe" in r.stdout
+
+
+def test_shipped_gan_sweep_is_valid():
+    sweep, base = load_sweep("sweeps/gan-loss.yaml")
+    assert base.kind == "gan" and sweep.metric == "fd" and len(sweep.parameters["model.loss"].grid) == 3
 
 
 @pytest.mark.slow

@@ -171,7 +171,8 @@ def _download(url: str) -> bytes:
         with urllib.request.urlopen(url, timeout=120) as resp:
             return resp.read()
     except OSError as exc:
-        raise SourceError(f"mnist:download: fetching {url} failed ({exc})") from None
+        raise SourceError(f"mnist:download: fetching {url} failed ({exc}); offline, use mnist:<folder with the IDX "
+                          "files> or builtin:digits") from None
 
 
 def _load_mnist(where: str, log) -> dict[str, _Images]:

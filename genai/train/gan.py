@@ -14,21 +14,21 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
+from cluster.deepspeed_config import gan_engine_config, resolve_precision
 from cluster.storage import StorageError, resolve
 from genai.config import ConfigError, GANRecipe, recipe_to_yaml
 from genai.data.batches import ExampleStream
 from genai.data.image_dataset import (ImageManifest, ensure_image_dataset, images_from_batch, load_image_arrays,
                                       load_image_manifest, verify_image_shards)
 from genai.data.shards import DatasetError
-from genai.models.gan import EMA, GANConfig, Discriminator, Generator, d_loss, g_loss, gradient_penalty, init_weights
+from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weights
 from genai.sampling import EMA_FILE, EXPORT_DIR, EXPORT_INDEX, image_grid, png_bytes
 from genai.train.checkpoint import restore, save_and_report
 from genai.train.interrupt import StopFlag
+from genai.train.steps import gan_step
 from genai.train.tracking import RunLogger
 
 ROWS_PER_FETCH = 1024
@@ -68,13 +68,6 @@ def steps_per_epoch(rows_per_worker: int, batch_size: int, n_critic: int) -> int
     return rows_per_worker // batch_size // n_critic
 
 
-def engine_config(ds, t, lr: float, num_workers: int, use_gpu: bool) -> dict:
-    """One network's DeepSpeed config: the shared builder, fed the GAN's batch and Adam settings."""
-    opt = SimpleNamespace(micro_batch_size=t.batch_size, grad_accum=1, grad_clip=t.grad_clip, precision=t.precision,
-                          lr=lr, beta1=t.beta1, beta2=t.beta2, weight_decay=0.0)
-    return build_deepspeed_config(ds, opt, num_workers, use_gpu)
-
-
 def plan_gan_run(recipe: GANRecipe, log=print) -> GANPlan:
     """Resolve the image dataset (preparing it into the cache if needed) and check it fits the recipe."""
     d, t, c, m = recipe.data, recipe.train, recipe.cluster, recipe.model
@@ -103,8 +96,8 @@ def plan_gan_run(recipe: GANRecipe, log=print) -> GANPlan:
                              num_classes=manifest.num_classes if m.conditional else 0, loss=m.loss,
                              spectral_norm=m.spectral_norm)
     ds_configs = {
-        "generator": engine_config(recipe.deepspeed.generator, t, t.lr_g, c.num_workers, c.use_gpu),
-        "discriminator": engine_config(recipe.deepspeed.discriminator, t, t.lr_d, c.num_workers, c.use_gpu),
+        "generator": gan_engine_config(recipe.deepspeed.generator, t, t.lr_g, c.num_workers, c.use_gpu),
+        "discriminator": gan_engine_config(recipe.deepspeed.discriminator, t, t.lr_d, c.num_workers, c.use_gpu),
     }
     return GANPlan(recipe, data_uri, manifest, model_config, ds_configs)
 
@@ -269,7 +262,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         run.join("samples", f"step_{step:08d}.png").write_bytes(png_bytes(grid))
         return imgs.float().std(dim=0).mean().item()  # ~0 when every sample is the same image
 
-    kind, conditional = mcfg.loss, bool(mcfg.num_classes)
+    kind = mcfg.loss
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # d_loss, g_loss, real score, fake score, gp
     counted, collapsed_logs = 0, 0
     last: dict = {}
@@ -329,8 +322,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     def decode(batch):
         return images_from_batch(batch, *manifest_dims)
 
-    def to_device(array, dt=None):
-        return torch.from_numpy(array).to(device, dtype=dt, non_blocking=True)
+    def to_device(array):
+        return torch.from_numpy(array).to(device, non_blocking=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     stop = StopFlag(cfg["run_uri"], rank, device)
@@ -344,38 +337,15 @@ def train_loop_per_worker(cfg: dict) -> None:
         batches = iter(stream)
         for _ in range(state["epoch_step"] * t.n_critic):  # resume mid-epoch: skip what was trained on
             next(batches)
+
+        def next_batch():
+            x, y = next(batches)
+            return to_device(x), to_device(y)
+
         while state["epoch_step"] < n_steps and state["step"] < t.max_steps:
-            for _ in range(t.n_critic):
-                x_np, y_np = next(batches)
-                real = to_device(x_np, dtype)
-                labels = to_device(y_np) if conditional else None
-                z = torch.randn(len(real), mcfg.z_dim, device=device, dtype=dtype)
-                with torch.no_grad():
-                    fake = g_engine.module(z, labels)
-                both = torch.cat([real, fake])
-                scores = d_engine(both, None if labels is None else torch.cat([labels, labels])).float()
-                real_s, fake_s = scores[:len(real)], scores[len(real):]
-                loss = d_loss(real_s, fake_s, kind)
-                gp = torch.zeros((), device=device)
-                if kind == "wgan-gp":
-                    # Through the bare module: DeepSpeed hooks every backward through the engine's outputs
-                    # (autograd.grad included) and would reduce D's gradients before its real backward.
-                    gp = gradient_penalty(d_engine.module, real, fake, labels)
-                    loss = loss + t.gp_weight * gp
-                d_engine.backward(loss)
-                d_engine.step()
-                sums += torch.stack([loss.detach() - t.gp_weight * gp.detach(), torch.zeros((), device=device),
-                                     real_s.detach().mean(), fake_s.detach().mean(), gp.detach()]).double() / t.n_critic
-            D.requires_grad_(False)  # the generator's backward must not reach D's ZeRO gradient hooks
-            z = torch.randn(t.batch_size, mcfg.z_dim, device=device, dtype=dtype)
-            g_labels = torch.randint(0, mcfg.num_classes, (t.batch_size,), device=device) if conditional else None
-            fake = g_engine(z, g_labels)
-            loss_g = g_loss(d_engine.module(fake, g_labels).float(), kind)
-            g_engine.backward(loss_g)
-            g_engine.step()
-            D.requires_grad_(True)
+            sums += gan_step(g_engine, d_engine, next_batch, mcfg, t.n_critic, t.batch_size, t.gp_weight, device,
+                             dtype)
             ema.update(g_engine.module)
-            sums[1] += loss_g.detach().double()
             counted += 1
             state["step"] += 1
             state["epoch_step"] += 1

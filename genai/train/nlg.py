@@ -23,6 +23,7 @@ from genai.sampling import EXPORT_DIR, EXPORT_INDEX
 from genai.train.checkpoint import restore, save_and_report
 from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
+from genai.train.steps import lm_step
 from genai.train.tracking import RunLogger
 
 ROWS_PER_FETCH = 32
@@ -303,13 +304,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         for _ in range(state["epoch_step"] * accum):  # resume mid-epoch: skip what was trained on
             next(batches)
         while state["epoch_step"] < n_steps and state["step"] < t.max_steps:
-            for _ in range(accum):
-                b = torch.from_numpy(next(batches)).to(device, non_blocking=True)
-                _, loss = engine(b[:, :-1], b[:, 1:])
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
-                loss_count += 1
+            loss_sum += lm_step(engine, batches, accum, device)
+            loss_count += accum
             state["step"] += 1
             state["epoch_step"] += 1
             state["tokens"] += tokens_per_step

@@ -69,3 +69,21 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def write_hparams(uri: str, hparams: dict, metrics: dict) -> None:
+    """One TensorBoard run at `uri` holding a trial's hyperparameters and final metrics (the HParams view)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    loc = resolve(uri)
+    local = loc.path if loc.local else local_scratch("genai-hparams-")
+    clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+    values = {f"hparams/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    with SummaryWriter(local) as writer:
+        for summary in hparams_summary(clean, values):
+            writer.file_writer.add_summary(summary)
+        for tag, value in values.items():
+            writer.add_scalar(tag, value)
+    if not loc.local:
+        loc.upload_from(local)

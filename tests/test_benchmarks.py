@@ -1,0 +1,24 @@
+"""The benchmark scripts keep working (tiny sizes; their figures come from real runs, see benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+# The GPU machine has torch and DeepSpeed but neither Ray nor pyarrow: importing them must fail the check.
+NO_RAY = ("import runpy, sys; sys.modules.update(ray=None, pyarrow=None); "
+          "sys.argv = ['gpu_check.py', '--smoke']; runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+
+
+def test_gpu_check_runs_the_training_steps_without_ray_or_pyarrow(tmp_path):
+    r = subprocess.run([sys.executable, "-c", NO_RAY], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    gpt, gan = result["gpt2_small"], result["dcgan"]
+    assert gpt["tokens_per_s"] > 0 and gpt["loss_last"] < gpt["loss_first"]  # the steps really train
+    assert gan["images_per_s"] > 0
+    assert "| GPT-2 small" in r.stdout and "| DCGAN" in r.stdout
