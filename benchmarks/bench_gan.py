@@ -101,7 +101,7 @@ def ours_images_per_s(run: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default=str(MNIST), help="folder with MNIST's IDX .gz files")
-    p.add_argument("--steps", type=int, default=3000, help="generator steps of the quality run")
+    p.add_argument("--steps", type=int, default=1500, help="generator steps of the quality run")
     p.add_argument("--overhead-steps", type=int, default=300, help="steps of each overhead run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker and for the plain loop")
     p.add_argument("--eval-samples", type=int, default=10000)

@@ -217,7 +217,9 @@ class GANTrainConfig(_Section):
     beta2: float = Field(0.999, gt=0.0, lt=1.0, description="Adam beta2 of both optimizers.")
     gp_weight: float = Field(10.0, ge=0.0, description="Gradient-penalty weight (wgan-gp only).")
     grad_clip: float = Field(0.0, ge=0.0, description="Clip each network's gradient norm to this value; 0 disables.")
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of generator weights used for samples, eval and export.")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description=(
+        "EMA of generator weights used for samples, eval and export (warmed up: min(ema_decay, (1+n)/(10+n)) "
+        "after n updates)."))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Training precision: auto = bf16 on GPU, fp32 on CPU.")
     seed: int = Field(1337, description="Seed for weights, noise and data order.")

@@ -38,6 +38,7 @@ def char_dataset(corpus_file, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def digits_dataset(tmp_path_factory) -> str:
+    """scikit-learn's digits prepared as an image dataset (28x28, train/val)."""
     from genai.data.image_dataset import prepare_image_dataset
 
     out = tmp_path_factory.mktemp("datasets") / "digits"

@@ -16,12 +16,8 @@ from genai.eval.digits import (ClassifierError, DigitClassifier, accuracy, extra
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    from genai.data.image_dataset import prepare_image_dataset
-
-    out = tmp_path_factory.mktemp("datasets") / "digits"
-    prepare_image_dataset("builtin:digits", str(out), log=lambda *_: None)
-    return str(out)
+def digits(digits_dataset) -> str:
+    return digits_dataset
 
 
 @pytest.fixture(scope="module")

@@ -134,3 +134,11 @@ def test_recipe_of_the_wrong_kind_is_refused(tmp_path):
     assert r.returncode == 2 and "a gpt recipe, not a gan recipe (train it with jobs/train_nlg.py)" in r.stderr
     r = run_job("train_nlg.py", "--recipe", "tiny-gan", "--storage", str(tmp_path))
     assert r.returncode == 2 and "train it with jobs/train_gan.py" in r.stderr
+
+
+def test_ema_warms_up_before_it_averages_slowly():
+    from genai.train.gan import ema_decay
+
+    assert ema_decay(0.999, 1) == pytest.approx(2 / 11)  # follows the generator closely at first
+    assert ema_decay(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_decay(0.999, 100_000) == 0.999

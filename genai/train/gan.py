@@ -28,7 +28,7 @@ from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weig
 from genai.sampling import EMA_FILE, EXPORT_DIR, EXPORT_INDEX, image_grid, png_bytes
 from genai.train.checkpoint import restore, save_and_report
 from genai.train.interrupt import StopFlag
-from genai.train.steps import gan_step
+from genai.train.steps import gan_step, run_epochs
 from genai.train.tracking import RunLogger
 
 ROWS_PER_FETCH = 1024
@@ -134,6 +134,12 @@ class QualityEval:
         if labels is not None:
             out["label_agreement"] = label_agreement(self.model, images, labels.cpu().numpy())
         return out
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """EMA decay with warm-up, min(decay, (1 + n) / (10 + n)): early on the average follows the generator
+    closely instead of mixing in its random initial weights for thousands of steps."""
+    return min(decay, (1 + updates) / (10 + updates))
 
 
 def _dtype(ds_config: dict) -> torch.dtype:
@@ -326,39 +332,27 @@ def train_loop_per_worker(cfg: dict) -> None:
         return torch.from_numpy(array).to(device, non_blocking=True)
 
     train_shard = ray.train.get_dataset_shard("train")
-    stop = StopFlag(cfg["run_uri"], rank, device)
-    stopped = False
-    while state["step"] < t.max_steps and not stopped:
-        epoch = state["epoch"]
-        n_steps = steps_per_epoch(cfg["rows_per_worker"], t.batch_size, t.n_critic)
-        stream = ExampleStream(train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH,
-                                                        prefetch_batches=2),
-                               decode, t.batch_size, t.seed, epoch, rank, recipe.data.shuffle_buffer)
-        batches = iter(stream)
-        for _ in range(state["epoch_step"] * t.n_critic):  # resume mid-epoch: skip what was trained on
-            next(batches)
+
+    def train_step(batches) -> None:
+        nonlocal sums, counted, steps_timed
 
         def next_batch():
             x, y = next(batches)
             return to_device(x), to_device(y)
 
-        while state["epoch_step"] < n_steps and state["step"] < t.max_steps:
-            sums += gan_step(g_engine, d_engine, next_batch, mcfg, t.n_critic, t.batch_size, t.gp_weight, device,
-                             dtype)
-            ema.update(g_engine.module)
-            counted += 1
-            state["step"] += 1
-            state["epoch_step"] += 1
-            state["images"] += images_per_step
-            steps_timed += 1
-            stopped = stop.requested()
-            at_step_end(state["step"], stopped)
-            if stopped:
-                break
-        if state["epoch_step"] >= n_steps:
-            stream.drain()
-            state["epoch"], state["epoch_step"] = epoch + 1, 0
+        sums += gan_step(g_engine, d_engine, next_batch, mcfg, t.n_critic, t.batch_size, t.gp_weight, device, dtype)
+        ema.update(g_engine.module, decay=ema_decay(t.ema_decay, state["step"] + 1))
+        counted += 1
+        state["images"] += images_per_step
+        steps_timed += 1
 
+    def open_epoch(epoch: int) -> ExampleStream:
+        rows = train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH, prefetch_batches=2)
+        return ExampleStream(rows, decode, t.batch_size, t.seed, epoch, rank, recipe.data.shuffle_buffer)
+
+    n_steps = steps_per_epoch(cfg["rows_per_worker"], t.batch_size, t.n_critic)
+    stopped = run_epochs(state, t.max_steps, lambda _: n_steps, open_epoch, t.n_critic, train_step, at_step_end,
+                         StopFlag(cfg["run_uri"], rank, device).requested)
     if stopped:
         logger.close()
         if rank == 0:

@@ -23,7 +23,7 @@ from genai.sampling import EXPORT_DIR, EXPORT_INDEX
 from genai.train.checkpoint import restore, save_and_report
 from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
-from genai.train.steps import lm_step
+from genai.train.steps import lm_step, run_epochs
 from genai.train.tracking import RunLogger
 
 ROWS_PER_FETCH = 32
@@ -292,32 +292,22 @@ def train_loop_per_worker(cfg: dict) -> None:
         if metrics:
             step_t0, steps_timed = time.perf_counter(), 0
 
-    stop = StopFlag(cfg["run_uri"], rank, device)
-    stopped = False
-    while state["step"] < t.max_steps and not stopped:
-        epoch = state["epoch"]
-        n_steps = steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)
-        stream = WindowStream(train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH,
-                                                       prefetch_batches=4),
-                              seq_len, micro, t.seed, epoch, rank, recipe.data.shuffle_buffer_windows)
-        batches = iter(stream)
-        for _ in range(state["epoch_step"] * accum):  # resume mid-epoch: skip what was trained on
-            next(batches)
-        while state["epoch_step"] < n_steps and state["step"] < t.max_steps:
-            loss_sum += lm_step(engine, batches, accum, device)
-            loss_count += accum
-            state["step"] += 1
-            state["epoch_step"] += 1
-            state["tokens"] += tokens_per_step
-            steps_timed += 1
-            stopped = stop.requested()
-            at_step_end(state["step"], stopped)
-            if stopped:
-                break
-        if state["epoch_step"] >= n_steps:
-            stream.drain()
-            state["epoch"], state["epoch_step"] = epoch + 1, 0
+    def train_step(batches) -> None:
+        nonlocal loss_sum, loss_count, steps_timed
+        loss_sum += lm_step(engine, batches, accum, device)
+        loss_count += accum
+        state["tokens"] += tokens_per_step
+        steps_timed += 1
 
+    def open_epoch(epoch: int) -> WindowStream:
+        rows = train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH, prefetch_batches=4)
+        return WindowStream(rows, seq_len, micro, t.seed, epoch, rank, recipe.data.shuffle_buffer_windows)
+
+    def epoch_steps(epoch: int) -> int:
+        return steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)
+
+    stopped = run_epochs(state, t.max_steps, epoch_steps, open_epoch, accum, train_step, at_step_end,
+                         StopFlag(cfg["run_uri"], rank, device).requested)
     if stopped:
         logger.close()
         if rank == 0:

@@ -1,0 +1,112 @@
+"""Assemble benchmarks/RESULTS.md from the raw JSON the benchmark scripts wrote under benchmarks/out/.
+
+    python benchmarks/report.py        # `make bench` runs every benchmark, then this
+
+Every row puts our figure beside its baseline from the same run; a benchmark that has not been run is
+listed as such rather than given a number.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+
+
+def load(name: str) -> dict | None:
+    path = OUT / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def nlg_rows(r: dict) -> list[list[str]]:
+    plain, rows = r["rows"]["plain"], []
+    for name, row in r["rows"].items():
+        if name == "plain":
+            continue
+        ratio = row["tokens_per_s"] / plain["tokens_per_s"]
+        bar = f"≥ 0.95: {verdict(ratio >= 0.95)}" if name == "ours-zero0-1w" else "-"
+        rows.append([f"GPT shakespeare_char tokens/s, {name} ({r['steps']} steps)", f"{row['tokens_per_s']:,.0f}",
+                     f"{plain['tokens_per_s']:,.0f} (plain PyTorch loop)", f"{ratio:.3f}", bar, r["machine"]])
+        rows.append([f"GPT val loss (whole val split), {name}", f"{row['val_loss']:.4f}",
+                     f"{plain['val_loss']:.4f} (plain loop)", f"{row['val_loss'] / plain['val_loss']:.3f}",
+                     f"≤ 1.90: {verdict(row['val_loss'] <= 1.90)}" if name == "ours-zero0-1w" else "-", r["machine"]])
+        rows.append([f"time to first step (s), {name}", f"{row['first_step_s']:.1f}",
+                     f"{plain['first_step_s']:.1f} (plain loop)", "-", "-", r["machine"]])
+    return rows
+
+
+def streaming_rows(r: dict) -> list[list[str]]:
+    machine = f"{r['cpus']} CPU cores, SeaweedFS on loopback"
+    ray, plain = r["ray_data"], r["plain_pyarrow"]
+    return [
+        ["parquet shards from S3: tokens/s", f"{ray['tokens_per_s']:,.0f} (Ray Data → 2 workers)",
+         f"{plain['tokens_per_s']:,.0f} (plain pyarrow, 1 process)", f"{ray['tokens_per_s'] / plain['tokens_per_s']:.2f}",
+         "-", machine],
+        ["time to first batch (s)", f"{ray['first_batch_s']:.2f}", f"{plain['first_batch_s']:.2f}", "-", "-", machine],
+        ["streaming headroom over the training step (per worker)", f"{min(ray['per_worker_tokens_per_s']):,.0f} tokens/s",
+         f"{r['training_tokens_per_s_per_worker']:,.0f} tokens/s consumed", f"{r['headroom']:.0f}x",
+         f"> 1: {verdict(r['headroom'] > 1)}", machine],
+    ]
+
+
+def gan_rows(r: dict) -> list[list[str]]:
+    o, rows = r["overhead"], []
+    rows.append([f"GAN images/s, conditional DCGAN, 1 worker ({o['steps']} steps)", f"{o['ours_images_per_s']:,.0f}",
+                 f"{o['plain_images_per_s']:,.0f} (plain PyTorch loop)", f"{o['ratio']:.3f}",
+                 f"≥ 0.85: {verdict(o['ratio'] >= 0.85)}", r["machine"]])
+    q = r.get("quality")
+    if q:
+        budget = f"{q['steps']} steps, {q['train_wall_s'] / 60:.1f} min, {q['workers']} workers, CPU"
+        rows.append([f"label agreement of {q['num']} conditional samples ({budget})",
+                     f"{100 * q['label_agreement']:.1f}%", f"classifier accuracy {100 * q['classifier']['accuracy']:.1f}%"
+                     " on real test digits", "-", f"≥ 90%: {verdict(q['label_agreement'] >= 0.9)}", r["machine"]])
+        rows.append(["digit-feature Fréchet distance", f"{q['fd']:.2f} (generated)",
+                     f"{q['fd_real']:.2f} (held-out real test digits)", f"{q['fd'] / q['fd_real']:.1f}x", "-",
+                     r["machine"]])
+    return rows
+
+
+def gpu_rows(r: dict) -> list[list[str]]:
+    g, d = r["gpt2_small"], r["dcgan"]
+    machine = f"{g['device']}, torch {r['torch']}"
+    mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] else "-"
+    return [[f"GPT-2 small {g['precision']} ZeRO-{g['zero_stage']} tokens/s (batch {g['micro_batch']}x{g['seq_len']})",
+             f"{g['tokens_per_s']:,.0f}", "device dense bf16 peak", mfu, "MFU ≥ 45%: "
+             + (verdict(g["mfu"] >= 0.45) if g["mfu"] else "-"), machine],
+            [f"DCGAN images/s (batch {d['batch']}, {d['precision']})", f"{d['images_per_s']:,.0f}", "-", "-", "-",
+             machine]]
+
+
+def main() -> None:
+    sections = [("GPT (benchmarks/bench_nlg.py)", "nlg", nlg_rows),
+                ("Streaming from object storage (benchmarks/bench_streaming.py)", "streaming", streaming_rows),
+                ("GAN (benchmarks/bench_gan.py)", "gan", gan_rows),
+                ("One GPU, no Ray (benchmarks/gpu_check.py)", "gpu_check", gpu_rows)]
+    lines = ["# Benchmark results", "",
+             f"Written by `benchmarks/report.py` on {time.strftime('%Y-%m-%d')} from `benchmarks/out/*.json`. "
+             "Each figure sits beside its baseline measured in the same run.", ""]
+    for title, name, rows_of in sections:
+        lines += [f"## {title}", ""]
+        data = load(name)
+        if data is None or data.get("smoke"):
+            lines += ["Not run yet on this machine (or only its smoke test).", ""]
+            continue
+        lines += ["| measured | ours | baseline | ratio | bar | machine |", "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows_of(data)]
+        lines.append("")
+    extra = ROOT / "benchmarks" / "NOTES.md"
+    if extra.exists():
+        lines += [extra.read_text().strip(), ""]
+    (ROOT / "benchmarks" / "RESULTS.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
