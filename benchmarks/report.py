@@ -65,7 +65,7 @@ def gan_rows(r: dict) -> list[list[str]]:
     if q:
         budget = f"{q['steps']} steps, {q['train_wall_s'] / 60:.1f} min, {q['workers']} workers, CPU"
         rows.append([f"label agreement of {q['num']} conditional samples ({budget})",
-                     f"{100 * q['label_agreement']:.1f}%", f"classifier accuracy {100 * q['classifier']['accuracy']:.1f}%"
+                     f"{100 * q['label_agreement']:.2f}%", f"classifier accuracy {100 * q['classifier']['accuracy']:.1f}%"
                      " on real test digits", "-", f"≥ 90%: {verdict(q['label_agreement'] >= 0.9)}", r["machine"]])
         rows.append(["digit-feature Fréchet distance", f"{q['fd']:.2f} (generated)",
                      f"{q['fd_real']:.2f} (held-out real test digits)", f"{q['fd'] / q['fd_real']:.1f}x", "-",
