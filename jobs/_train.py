@@ -11,7 +11,7 @@ import yaml
 
 from cluster.launch import fit, parquet_datasets, run_location, run_name_default
 from cluster.ray_env import connect
-from cluster.storage import StorageError, check_access
+from cluster.storage import StorageError
 from genai.config import ConfigError, available_recipes, load_recipe, recipe_to_yaml
 from genai.train.interrupt import clear_stop, request_stop
 

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.storage import StorageError, check_access, copy_tree, resolve
 from conftest import ROOT, run_job
-from genai.data.text_dataset import DatasetError, load_manifest, verify_shards
+from genai.data.text_dataset import load_manifest, verify_shards
 
 
 def unique(prefix: str) -> str:

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from genai.train.checkpoint import restore, save_and_report
 from genai.train.interrupt import StopFlag
 from genai.train.steps import gan_step, run_epochs
 from genai.train.tracking import RunLogger
+from genai.train.worker import init_worker
 
 ROWS_PER_FETCH = 1024
 COLLAPSE_D_LOSS = 1e-3  # a discriminator loss this close to 0 means it wins outright: the generator has failed
@@ -122,7 +122,7 @@ class QualityEval:
         from genai.eval.digits import feature_stats, label_agreement
 
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        feats, images, labels = [], [], None
+        images, labels = [], None
         if cfg.num_classes:
             labels = torch.arange(self.n, device=self.device) % cfg.num_classes
         for i in range(0, self.n, 500):
@@ -186,18 +186,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     """Runs in each Ray Train worker: two DeepSpeed engines, streamed images, eval, samples, checkpoints."""
     import deepspeed
     import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     recipe = GANRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if c.torch_threads:
-        torch.set_num_threads(c.torch_threads)
-    device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = init_worker(c.torch_threads)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     mcfg = GANConfig(**cfg["model_config"])

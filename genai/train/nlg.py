@@ -7,7 +7,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
 from genai.train.steps import lm_step, run_epochs
 from genai.train.tracking import RunLogger
+from genai.train.worker import init_worker
 
 ROWS_PER_FETCH = 32
 
@@ -153,18 +153,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     """Runs in each Ray Train worker: DeepSpeed engine, streamed batches, eval, logging, checkpoints."""
     import deepspeed
     import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     recipe = NLGRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if c.torch_threads:
-        torch.set_num_threads(c.torch_threads)
-    device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = init_worker(c.torch_threads)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model_config = GPTConfig(**cfg["model_config"])
