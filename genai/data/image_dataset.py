@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from cluster.storage import Location, StorageError, explain, is_remote, resolve
 from genai.data.shards import (
     FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location, read_manifest, verify_shards,
-    write_shard,
+    write_manifest, write_shard,
 )
 from genai.data.sources import SourceError
 
@@ -301,18 +301,8 @@ def prepare_image_dataset(
     # Clear a half-written earlier attempt (no manifest) or an overwritten dataset.
     clear_output(out, SPLITS)
     splits = {split: _write_split(out, split, data[split], shard_rows) for split in SPLITS}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kind": DATASET_KIND,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": source,
-        "height": int(height),
-        "width": int(width),
-        "channels": int(channels),
-        "num_classes": NUM_CLASSES,
-        "splits": {k: vars(v) for k, v in splits.items()},
-    }
-    out.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    write_manifest(out, DATASET_KIND, source, splits, height=int(height), width=int(width),
+                   channels=int(channels), num_classes=NUM_CLASSES)
     log(f"wrote {out.uri}: train {splits['train'].rows:,} images in {len(splits['train'].shards)} shard(s), "
         f"val {splits['val'].rows:,} ({time.time() - t0:.1f}s)")
     return load_image_manifest(out.uri)

@@ -95,3 +95,14 @@ def clear_output(out: Location, names: tuple[str, ...]) -> None:
     for name in (MANIFEST_FILE, *names):
         out.join(name).delete()
     out.mkdirs()
+
+
+def write_manifest(out: Location, kind: str, source: str, splits: dict, **fields) -> None:
+    """Write `manifest.json` (format version, kind, time, source, the dataset's own fields, the splits):
+    the last file of a dataset, so that its presence means the dataset is whole."""
+    import time
+
+    manifest = {"format_version": FORMAT_VERSION, "kind": kind,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source, **fields,
+                "splits": {k: vars(v) for k, v in splits.items()}}
+    out.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

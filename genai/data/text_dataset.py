@@ -25,7 +25,7 @@ import pyarrow as pa
 from cluster.storage import Location, resolve
 from genai.data.shards import (  # noqa: F401  (DatasetError, CHECKSUM_LIMIT_BYTES: public names of this module)
     CHECKSUM_LIMIT_BYTES, FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location, read_manifest,
-    write_shard,
+    write_manifest, write_shard,
 )
 from genai.data.shards import verify_shards as _verify_shards
 from genai.data.sources import read_corpus
@@ -136,19 +136,10 @@ def prepare_text_dataset(
         "train": TokenShardWriter(out, "train", tok.vocab_size, chunk_tokens, shard_tokens).write(ids[:-n_val]),
         "val": TokenShardWriter(out, "val", tok.vocab_size, chunk_tokens, shard_tokens).write(ids[-n_val:]),
     }
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kind": DATASET_KIND,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": source,
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "file": TOKENIZER_FILE,
-                      "sha256": hashlib.sha256(tok_bytes).hexdigest()},
-        "vocab_size": tok.vocab_size,
-        "chunk_tokens": chunk_tokens,
-        "token_dtype": str(_token_type(tok.vocab_size)),
-        "splits": {k: vars(v) for k, v in splits.items()},
-    }
-    out.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    write_manifest(out, DATASET_KIND, source, splits,
+                   tokenizer={"kind": tok.kind, "vocab_size": tok.vocab_size, "file": TOKENIZER_FILE,
+                              "sha256": hashlib.sha256(tok_bytes).hexdigest()},
+                   vocab_size=tok.vocab_size, chunk_tokens=chunk_tokens, token_dtype=str(_token_type(tok.vocab_size)))
     log(f"wrote {out.uri}: train {splits['train'].tokens:,} tokens in {len(splits['train'].shards)} shard(s), "
         f"val {splits['val'].tokens:,} tokens ({time.time() - t0:.1f}s)")
     return load_manifest(out.uri)

@@ -345,7 +345,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     n_steps = steps_per_epoch(cfg["rows_per_worker"], t.batch_size, t.n_critic)
     stopped = run_epochs(state, t.max_steps, lambda _: n_steps, open_epoch, t.n_critic, train_step, at_step_end,
-                         StopFlag(cfg["run_uri"], rank, device).requested)
+                         StopFlag(cfg["run_uri"], rank, device, t.log_interval).requested)
     if stopped:
         logger.close()
         if rank == 0:

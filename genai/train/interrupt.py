@@ -1,7 +1,8 @@
 """Graceful stop: the driver asks (Ctrl-C / SIGTERM), the workers checkpoint at the next step and return.
 
 The driver writes `<run>/STOP_REQUESTED`; rank 0 looks for it at most once a second and every rank
-learns the answer through one tiny all-reduce per step, so all ranks stop after the same step.
+learns the answer through one tiny all-reduce every `every` steps (the loops pass their log interval,
+where they synchronise anyway), so all ranks stop after the same step and other steps pay nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ def clear_stop(run_uri: str) -> None:
 
 
 class StopFlag:
-    """`requested()` is collective: every rank calls it once per step and gets the same answer."""
+    """`requested(step)` is collective on steps divisible by `every`: every rank gets the same answer."""
 
-    def __init__(self, run_uri: str, rank: int, device, poll_s: float = 1.0):
+    def __init__(self, run_uri: str, rank: int, device, every: int = 1, poll_s: float = 1.0):
         self.marker = resolve(run_uri).join(STOP_FILE)
-        self.rank, self.device, self.poll_s = rank, device, poll_s
+        self.rank, self.device, self.every, self.poll_s = rank, device, every, poll_s
         self._last, self._seen = 0.0, False
 
-    def requested(self) -> bool:
+    def requested(self, step: int) -> bool:
+        if step % self.every:
+            return False
         import torch
         import torch.distributed as dist
 

@@ -300,7 +300,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         return steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)
 
     stopped = run_epochs(state, t.max_steps, epoch_steps, open_epoch, accum, train_step, at_step_end,
-                         StopFlag(cfg["run_uri"], rank, device).requested)
+                         StopFlag(cfg["run_uri"], rank, device, t.log_interval).requested)
     if stopped:
         logger.close()
         if rank == 0:

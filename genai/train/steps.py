@@ -74,7 +74,7 @@ def gan_step(g_engine, d_engine, next_batch: Callable[[], tuple], cfg: GANConfig
 
 def run_epochs(state: dict, max_steps: int, epoch_steps: Callable[[int], int], open_epoch: Callable[[int], object],
                batches_per_step: int, train_step: Callable[[Iterator], None],
-               after_step: Callable[[int, bool], None], stop_requested: Callable[[], bool]) -> bool:
+               after_step: Callable[[int, bool], None], stop_requested: Callable[[int], bool]) -> bool:
     """The epoch/step bookkeeping both loops share; returns True when it stopped on request.
 
     `state` holds step, epoch and epoch_step (updated here). Each epoch `open_epoch(epoch)` gives the
@@ -92,7 +92,7 @@ def run_epochs(state: dict, max_steps: int, epoch_steps: Callable[[int], int], o
             train_step(batches)
             state["step"] += 1
             state["epoch_step"] += 1
-            stopping = stop_requested()
+            stopping = stop_requested(state["step"])
             after_step(state["step"], stopping)
             if stopping:
                 return True
