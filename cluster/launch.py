@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Callable
 
 from cluster.storage import Location, resolve
@@ -42,7 +44,7 @@ def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float):
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, *, datasets: dict, num_workers: int, use_gpu: bool,
-        cpus_per_worker: float, storage: str, name: str, max_failures: int, keep_checkpoints: int,
+        cpus_per_worker: float, storage: str, name: str, max_failures: int, keep_checkpoints: int | None,
         callbacks: list | None = None):
     """Run `train_fn` on `num_workers` Ray Train workers and return Ray's Result.
 
@@ -72,8 +74,27 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, *, datasets: dict, 
     return trainer.fit()
 
 
-def run_name_default(prefix: str) -> str:
-    import time
+def call_in_thread(fn: Callable[[], Any], wait: Callable[[], None] = lambda: time.sleep(0.2)) -> Any:
+    """Run fn() in a thread and return its result (or raise its error) here, calling wait() in this
+    thread until fn is done."""
+    box: dict = {}
 
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        wait()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def run_name_default(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -6,6 +6,7 @@ documented here; `--set section.field=value` overrides any of them from the comm
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -411,11 +412,32 @@ class ParamSpec(_Section):
 
 
 class SchedulerConfig(_Section):
-    """Early stopping of trials."""
+    """Early stopping (ASHA) or Population Based Training of trials."""
 
-    type: Literal["fifo", "asha"] = Field("asha", description="asha stops clearly worse trials early; fifo runs all to the end.")
-    grace_period: int = Field(20, ge=1, description="Steps every trial trains before it can be stopped.")
-    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps about 1/reduction_factor of trials at each rung.")
+    type: Literal["fifo", "asha", "pbt"] = Field("asha", description=(
+        "asha stops clearly worse trials early; pbt clones the best trials' checkpoints into the worst and "
+        "perturbs their parameters; fifo runs all to the end."))
+    grace_period: int = Field(20, ge=1, description="asha: steps every trial trains before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="asha: keeps about 1/reduction_factor of trials at each rung.")
+    perturbation_interval: int | None = Field(None, ge=1, description=(
+        "pbt: steps between exploit/explore decisions; a multiple of the base recipe's train.checkpoint_interval "
+        "(null: that interval)."))
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5, description=(
+        "pbt: share of trials at the bottom that clone one at the top."))
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0, description=(
+        "pbt: chance that an explored parameter is drawn afresh instead of shifted (x0.8 / x1.2, or a neighbouring choice)."))
+    synch: bool = Field(False, description=(
+        "pbt: trials wait for each other at every perturbation point (fair comparisons, at the cost of a "
+        "restart each time); false compares with whatever the others last reported."))
+
+
+# Fields PBT may change when it continues a trial from another trial's checkpoint: nothing that changes
+# shapes, data order or the step budget.
+PBT_MUTABLE = {
+    "gpt": ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay_steps", "train.grad_clip",
+            "model.dropout"),
+    "gan": ("train.lr_g", "train.lr_d", "train.n_critic", "train.gp_weight", "train.grad_clip", "train.ema_decay"),
+}
 
 
 class SweepConfig(_Section):
@@ -466,7 +488,31 @@ def load_sweep(path: str, extra_overrides: list[str] | None = None) -> tuple[Swe
                 validate_recipe(trial)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: parameters.{key}={value!r} gives an invalid recipe: {exc}") from None
+    if sweep.scheduler.type == "pbt":
+        _check_pbt(path, sweep, base)
     return sweep, base
+
+
+def _check_pbt(path: str, sweep: SweepConfig, base: Any) -> None:
+    mutable = PBT_MUTABLE[base.kind]
+    for key in sweep.parameters:
+        if key not in mutable:
+            raise ConfigError(f"{path}: parameters.{key}: PBT continues trials from other trials' checkpoints, so "
+                              f"it can only vary {', '.join(mutable)}")
+    s, t = sweep.scheduler, base.train
+    interval = s.perturbation_interval or t.checkpoint_interval
+    if interval % t.checkpoint_interval:
+        raise ConfigError(f"{path}: scheduler.perturbation_interval={interval} is not a multiple of the base "
+                          f"recipe's train.checkpoint_interval={t.checkpoint_interval} (PBT clones checkpoints)")
+    if interval % t.eval_interval:
+        raise ConfigError(f"{path}: scheduler.perturbation_interval={interval} is not a multiple of the base "
+                          f"recipe's train.eval_interval={t.eval_interval} (PBT compares fresh {sweep.metric})")
+    if interval >= t.max_steps:
+        raise ConfigError(f"{path}: scheduler.perturbation_interval={interval} must be below train.max_steps="
+                          f"{t.max_steps}, or PBT never acts")
+    grid = math.prod(len(spec.grid) for spec in sweep.parameters.values() if spec.grid)
+    if sweep.num_samples * grid < 2:
+        raise ConfigError(f"{path}: num_samples: PBT needs a population of at least 2 trials")
 
 
 def json_value(value: Any) -> str:

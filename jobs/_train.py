@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import threading
 from typing import Callable
 
 import _cli
 import yaml
 
-from cluster.launch import fit, parquet_datasets, run_location, run_name_default
+from cluster.launch import call_in_thread, fit, parquet_datasets, run_location, run_name_default
 from cluster.ray_env import connect
 from cluster.storage import StorageError
 from genai.config import ConfigError, available_recipes, load_recipe, recipe_to_yaml
@@ -92,7 +91,9 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = _in_thread(lambda: fit(
+        # In a thread: signals reach the main thread only, and Ray Train replaces the SIGINT handler (with an
+        # immediate abort) only when fit() runs in the main thread.
+        result = call_in_thread(lambda: fit(
             train_fn, plan.loop_config(run.uri), datasets=parquet_datasets(plan.dataset_uris()),
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
             name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints))
@@ -116,23 +117,3 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         print(f"  {line}")
     print(f"  tensorboard: tensorboard --logdir {run.join('tensorboard').uri}")
     return _cli.EXIT_OK
-
-
-def _in_thread(fn):
-    """Run fn in a thread and wait for it here. Signals are handled by the main thread only, and Ray Train
-    replaces the SIGINT handler (with an immediate abort) only when fit() runs in the main thread."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]

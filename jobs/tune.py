@@ -19,7 +19,7 @@ import yaml
 from cluster.launch import fit, parquet_datasets, run_location
 from cluster.ray_env import connect
 from cluster.storage import check_access, resolve
-from cluster.tune import run_sweep, search_space
+from cluster.tune import fit_reporting_to_tune, read_pointer, run_sweep
 from genai.config import apply_overrides, json_value, load_sweep, recipe_to_yaml, validate_recipe
 from genai.train import gan, nlg
 from genai.train.tracking import write_hparams
@@ -34,22 +34,38 @@ def trial_recipe(base: dict, params: dict):
     return validate_recipe(apply_overrides(yaml.safe_load(yaml.safe_dump(base)), overrides))
 
 
-def run_trial(params: dict, base: dict, trials_storage: str) -> None:
-    """Tune's trainable: one trial = one TorchTrainer run, metrics forwarded by TuneReportCallback."""
+def run_trial(params: dict, base: dict, trials_storage: str, keep_all_checkpoints: bool) -> None:
+    """Tune's trainable: one trial = one TorchTrainer run, each result forwarded to Tune with its checkpoint.
+
+    A trial's run folder is trials/<trial id>. When PBT restarts a trial from another trial's checkpoint,
+    it trains on in a new run folder, trials/<trial id>-from-<other trial>-step<N>, started from that
+    checkpoint with the trial's new parameters."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     recipe = trial_recipe(base, params)
-    name = tune.get_context().get_trial_id()
+    trial = tune.get_context().get_trial_id()
+    run_name, init_checkpoint, cloned_from = trial, None, ""
+    pointer = read_pointer()
+    if pointer and pointer["trial"] == trial:
+        run_name, cloned_from = pointer["run"], pointer.get("cloned_from", "")
+    elif pointer:  # PBT exploit: continue from the other trial's checkpoint
+        run_name = f"{trial}-from-{pointer['trial']}-step{pointer['step']}"
+        init_checkpoint = run_location(trials_storage, pointer["run"]).join(pointer["checkpoint"]).uri
+        cloned_from = f"{pointer['trial']}@{pointer['step']}"
     plan_run, train_loop_per_worker, _ = KINDS[recipe.kind]
     plan = plan_run(recipe, log=lambda *_: None)
     c = recipe.cluster
-    run = run_location(trials_storage, name)
+    run = run_location(trials_storage, run_name)
     run.join("recipe.yaml").write_text(recipe_to_yaml(recipe))
-    fit(train_loop_per_worker, plan.loop_config(run.uri), datasets=parquet_datasets(plan.dataset_uris()),
-        num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=trials_storage,
-        name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints,
-        callbacks=[TuneReportCallback()])
+    loop_config = dict(plan.loop_config(run.uri), init_checkpoint=init_checkpoint)
+    # PBT may clone any trial's checkpoint after its owner has moved on: keep them all.
+    keep = None if keep_all_checkpoints else recipe.train.keep_checkpoints
+    fit_reporting_to_tune(
+        lambda callbacks: fit(train_loop_per_worker, loop_config, datasets=parquet_datasets(plan.dataset_uris()),
+                              num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
+                              storage=trials_storage, name=run_name, max_failures=c.max_failures,
+                              keep_checkpoints=keep, callbacks=callbacks),
+        pointer={"trial": trial, "run": run_name, "cloned_from": cloned_from})
 
 
 def main() -> int:
@@ -72,12 +88,12 @@ def main() -> int:
 
     c = base_recipe.cluster
     connect(cpus_needed=sweep.max_concurrent_trials * c.num_workers * c.cpus_per_worker)
-    results = run_sweep(tune.with_parameters(run_trial, base=base, trials_storage=trials_storage),
-                        search_space(sweep.parameters), name=sweep.name, storage=storage, metric=sweep.metric,
+    pbt = sweep.scheduler.type == "pbt"
+    trial_fn = tune.with_parameters(run_trial, base=base, trials_storage=trials_storage, keep_all_checkpoints=pbt)
+    results = run_sweep(trial_fn, sweep.parameters, name=sweep.name, storage=storage, metric=sweep.metric,
                         mode=sweep.mode, num_samples=sweep.num_samples,
-                        max_concurrent_trials=sweep.max_concurrent_trials, scheduler=sweep.scheduler.type,
-                        grace_period=sweep.scheduler.grace_period,
-                        reduction_factor=sweep.scheduler.reduction_factor, max_t=base_recipe.train.max_steps,
+                        max_concurrent_trials=sweep.max_concurrent_trials, scheduler=sweep.scheduler,
+                        max_t=base_recipe.train.max_steps, checkpoint_interval=base_recipe.train.checkpoint_interval,
                         resume=args.resume)
     rows = []
     for r in results:
@@ -87,11 +103,12 @@ def main() -> int:
         best = (min(history) if sweep.mode == "min" else max(history)) if history else None
         step = metrics.get("step")
         status = "ERROR" if r.error else ("DONE" if step == base_recipe.train.max_steps else "STOPPED")
-        # Each trial's run folder is named by its trial id (see run_trial).
         trial = metrics.get("trial_id") or r.path.rstrip("/").split("/")[-1]
+        run_name = metrics.get("run", trial)  # its current run folder (see run_trial)
         rows.append({"trial": trial, **{k: r.config.get(k) for k in sweep.parameters}, "step": step,
                      f"final_{sweep.metric}": metrics.get(sweep.metric), f"best_{sweep.metric}": best,
-                     "status": status, "run": run_location(trials_storage, trial).uri,
+                     "status": status, "run": run_location(trials_storage, run_name).uri,
+                     "cloned_from": metrics.get("cloned_from", ""),
                      "error": str(r.error).strip().splitlines()[-1][:200] if r.error else ""})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])

@@ -29,10 +29,14 @@ def write(tmp_path, **changes):
     return str(path)
 
 
-def test_shipped_sweep_is_valid():
+def test_shipped_sweeps_are_valid():
     sweep, base = load_sweep("sweeps/nlg-lr-width.yaml")
     assert sweep.scheduler.type == "asha" and base.train.max_steps == 60 and set(sweep.parameters) == {
         "train.lr", "model.n_embd"}
+    sweep, base = load_sweep("sweeps/nlg-shakespeare-asha.yaml")
+    assert base.name == "shakespeare-char" and sweep.num_samples == 8
+    sweep, base = load_sweep("sweeps/nlg-pbt.yaml")
+    assert sweep.scheduler.type == "pbt" and sweep.scheduler.perturbation_interval % base.train.checkpoint_interval == 0
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -41,7 +45,13 @@ def test_shipped_sweep_is_valid():
     ({"parameters": {"train.lr": {"choice": [1], "grid": [2]}}}, "give exactly one of"),
     ({"parameters": {"model.n_head": {"grid": [3]}}}, "not divisible by model.n_head=3"),
     ({"search": "random"}, "grid values need search=grid"),
-    ({"scheduler": {"type": "pbt"}}, "scheduler.type"),
+    ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
+    ({"scheduler": {"type": "pbt"}, "parameters": {"model.n_embd": {"grid": [32, 64]}}},
+     "parameters.model.n_embd: PBT continues trials from other trials' checkpoints"),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 15}, "parameters": {"train.lr": {"grid": [1e-3, 1e-2]}}},
+     "scheduler.perturbation_interval=15 is not a multiple of the base recipe's train.checkpoint_interval=20"),
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 60}, "parameters": {"train.lr": {"grid": [1e-3, 1e-2]}}},
+     "scheduler.perturbation_interval=60 must be below train.max_steps=60"),
     ({"metricz": "x"}, "metricz: unknown field"),
 ])
 def test_bad_sweep_files_are_refused_with_the_field(tmp_path, changes, message):
@@ -113,13 +123,17 @@ def test_killed_sweep_driver_resumes_without_retraining_finished_trials(char_dat
 
     from conftest import ROOT
 
-    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--sweep", "sweeps/nlg-lr-width.yaml", "--storage",
+    # The shipped sweep without early stopping (with it, which trials finish depends on the sampled rates).
+    sweep = yaml.safe_load(open(ROOT / "sweeps" / "nlg-lr-width.yaml"))
+    sweep["scheduler"] = {"type": "fifo"}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--sweep", str(tmp_path / "sweep.yaml"), "--storage",
            str(tmp_path), "--set", f"data.uri={char_dataset}", "--set", "train.max_steps=40"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     final = str(tmp_path / "nlg-lr-width" / "trials" / "*" / "checkpoint_00000040" / "trainer_state.json")
     deadline = time.time() + 400
-    while len(glob.glob(final)) < 2 and time.time() < deadline and proc.poll() is None:
+    while not glob.glob(final) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     finished = {p: os.path.getmtime(p) for p in glob.glob(final)}
     assert finished and proc.poll() is None, "sweep ended before it could be interrupted"
@@ -130,6 +144,39 @@ def test_killed_sweep_driver_resumes_without_retraining_finished_trials(char_dat
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "sweep nlg-lr-width: 4 trials (0 failed)" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "nlg-lr-width" / "results.csv")))
-    assert len(rows) == 4 and all(row["status"] in ("DONE", "STOPPED") for row in rows)
+    assert len(rows) == 4 and all(row["status"] == "DONE" for row in rows)
     # Trials that had finished were not trained again: their final checkpoints are untouched.
     assert {p: os.path.getmtime(p) for p in finished} == finished
+
+
+@pytest.mark.slow
+def test_pbt_continues_the_worse_trial_from_the_better_trials_checkpoint(char_dataset, tmp_path):
+    import glob
+    import os
+
+    # Two trials, one with a learning rate too small to learn anything in 60 steps. At a perturbation point
+    # PBT must clone the good trial's checkpoint into the bad one, which then trains on from that step.
+    # synch: the tiny trials run 50 steps in seconds, faster than they start, so without it one trial can
+    # finish before the other reports at all. Perturbation points: steps 20 and 40.
+    path = write(tmp_path, name="p", overrides=["train.max_steps=50", "train.eval_interval=10",
+                                                "train.checkpoint_interval=10", "train.sample_interval=0"],
+                 parameters={"train.lr": {"grid": [3.0e-3, 1.0e-6]}},
+                 scheduler={"type": "pbt", "perturbation_interval": 20, "resample_probability": 0.0,
+                            "synch": True},
+                 max_concurrent_trials=2)
+    r = run_job("tune.py", "--sweep", path, "--storage", str(tmp_path / "runs"), "--set", f"data.uri={char_dataset}")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "p" / "results.csv")))
+    assert len(rows) == 2 and all(row["status"] == "DONE" for row in rows), rows
+    cloned = [row for row in rows if row["cloned_from"]]
+    assert cloned, f"no exploit happened: {rows}"
+    row = cloned[0]
+    donor, step = row["cloned_from"].split("@")
+    assert donor in {other["trial"] for other in rows} - {row["trial"]} and int(step) in (20, 40)
+    run = row["run"]
+    assert os.path.basename(run) == f"{row['trial']}-from-{donor}-step{step}"
+    # The cloned run started from the donor's checkpoint: its first checkpoint is the one after `step`.
+    own = sorted(int(p.rsplit("_", 1)[1]) for p in glob.glob(os.path.join(run, "checkpoint_0*")))
+    assert own[0] == int(step) + 10 and own[-1] == 50
+    # Both trials end near the good learning rate's loss (~3.4); lr=1e-6 alone stays at the initial ~4.85.
+    assert all(float(r_["final_val_loss"]) < 4.0 for r_ in rows), rows

@@ -60,6 +60,20 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def start_checkpoint(cfg: dict):
+    """The checkpoint a worker starts from: the run's own latest (Ray Train's resume), else the loop config's
+    `init_checkpoint` URI (a sweep's PBT trial continuing from another trial's checkpoint), else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.get("init_checkpoint"):
+        from cluster.storage import resolve
+
+        loc = resolve(cfg["init_checkpoint"])
+        checkpoint = ray.train.Checkpoint(path=loc.path, filesystem=loc.fs)
+    return checkpoint
+
+
 def restore(checkpoint, engines: dict, rank: int, world_size: int,
             load_extra: Callable[[str], None] | None = None) -> dict:
     """Load every engine's shards, this rank's RNG state, and return the trainer state.

@@ -25,7 +25,7 @@ from genai.data.image_dataset import (ImageManifest, ensure_image_dataset, image
 from genai.data.shards import DatasetError
 from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weights
 from genai.sampling import EMA_FILE, EXPORT_DIR, EXPORT_INDEX, image_grid, png_bytes
-from genai.train.checkpoint import restore, save_and_report
+from genai.train.checkpoint import restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
 from genai.train.steps import gan_step, run_epochs
 from genai.train.tracking import RunLogger
@@ -215,7 +215,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     def load_ema(folder: str) -> None:
         ema.load_state_dict(torch.load(os.path.join(folder, "meta", EMA_FILE), map_location=device))
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = start_checkpoint(cfg)
     if checkpoint:
         state.update(restore(checkpoint, engines, rank, world, load_extra=load_ema))
         for engine, lr in ((g_engine, t.lr_g), (d_engine, t.lr_d)):  # the recipe's rates win over the saved ones

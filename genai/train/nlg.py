@@ -19,7 +19,7 @@ from genai.data.text_dataset import DatasetError, TextManifest, ensure_dataset, 
 from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models.gpt import GPT, GPTConfig, generate
 from genai.sampling import EXPORT_DIR, EXPORT_INDEX
-from genai.train.checkpoint import restore, save_and_report
+from genai.train.checkpoint import restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
 from genai.train.steps import lm_step, run_epochs
@@ -175,9 +175,14 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     seq_len, micro, accum = recipe.seq_len, t.micro_batch_size, t.grad_accum
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "world_size": world}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = start_checkpoint(cfg)
     if checkpoint:
         state.update(restore(checkpoint, {"model": engine}, rank, world))
+        # The recipe's schedule wins over the saved one (a PBT trial may continue with another train.lr).
+        sched = engine.lr_scheduler
+        sched.base_lrs = [t.lr] * len(sched.base_lrs)
+        for group, fn in zip(engine.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = t.lr, t.lr * fn(sched.last_epoch)
         if rank == 0:
             print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
                   f"step {state['epoch_step']} of it)", flush=True)
