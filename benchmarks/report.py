@@ -84,10 +84,55 @@ def gpu_rows(r: dict) -> list[list[str]]:
              machine]]
 
 
+def tune_rows(r: dict) -> list[list[str]]:
+    o, machine = r["overhead"], r["machine"]
+    rows = [[f"{o['trials']}-trial sweep, tiny recipe, {o['steps']} steps, 1 trial at a time: wall time (s)",
+             f"{o['sweep_wall_s']:.1f}", f"{o['trial_s']:.1f} (sum of the trials' own times)",
+             f"{o['sweep_wall_s'] / o['trial_s']:.2f}", "reported", machine],
+            ["same sweep: wall time vs time inside the training loops (s)", f"{o['sweep_wall_s']:.1f}",
+             f"{o['loop_s']:.1f} (sum of first-to-last-step times)", f"{o['sweep_wall_s'] / o['loop_s']:.2f}", "reported",
+             machine]]
+    q = r.get("quality")
+    if q:
+        best = f"lr {float(q['best']['train.lr']):.2e}, n_embd {q['best']['model.n_embd']}"
+        rows.append([f"ASHA over lr x width (8 trials, {q['budget_recipe_runs']:.1f} recipe runs of tokens, "
+                     f"{q['sweep_wall_s'] / 60:.0f} min): best val loss (whole val split; {best})",
+                     f"{q['sweep_val_loss']:.4f}", f"{q['recipe_val_loss']:.4f} (shakespeare-char recipe, same run)",
+                     f"{q['sweep_val_loss'] / q['recipe_val_loss']:.3f}",
+                     f"< recipe: {verdict(q['sweep_val_loss'] < q['recipe_val_loss'])}", machine])
+    return rows
+
+
+def system_rows(r: dict) -> list[list[str]]:
+    machine, rows = f"{r['machine']}, medians of {r['repeats']}", []
+    for c in r.get("checkpoint", []):
+        size = f"{c['params'] / 1e6:.1f}M parameters, {c['checkpoint_bytes'] / 2**20:.0f} MiB"
+        rows.append([f"checkpoint save (s), {size}", f"{c['save_s']:.2f}", f"{c['torch_save_s']:.2f} (torch.save)",
+                     f"{c['save_s'] / c['torch_save_s']:.2f}", "-", machine])
+        rows.append([f"checkpoint restore (s), {size}", f"{c['restore_s']:.2f}", f"{c['torch_load_s']:.2f} (torch.load)",
+                     f"{c['restore_s'] / c['torch_load_s']:.2f}", "-", machine])
+    s = r.get("startup")
+    if s:
+        for kind in ("cold", "warm"):
+            rows.append([f"time to first step (s), tiny recipe, {kind} DeepSpeed op cache", f"{s[kind + '_s']:.1f}",
+                         f"{s['plain_s']:.1f} (plain PyTorch process)", "-", "-", machine])
+    s = r.get("scaling")
+    if s:
+        rows.append(["shakespeare-char tokens/s, 2 workers ZeRO-2 vs 1 worker (same per-worker batch)",
+                     f"{s['tokens_per_s_2w']:,.0f}", f"{s['tokens_per_s_1w']:,.0f} (1 worker)",
+                     f"{s['efficiency']:.2f} efficiency", "-", machine])
+    return rows
+
+
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     sections = [("GPT (benchmarks/bench_nlg.py)", "nlg", nlg_rows),
                 ("Streaming from object storage (benchmarks/bench_streaming.py)", "streaming", streaming_rows),
                 ("GAN (benchmarks/bench_gan.py)", "gan", gan_rows),
+                ("Sweeps (benchmarks/bench_tune.py)", "tune", tune_rows),
+                ("Checkpoints, start-up and scaling (benchmarks/bench_system.py)", "system", system_rows),
                 ("One GPU, no Ray (benchmarks/gpu_check.py)", "gpu_check", gpu_rows)]
     lines = ["# Benchmark results", "",
              f"Written by `benchmarks/report.py` on {time.strftime('%Y-%m-%d')} from `benchmarks/out/*.json`. "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any, Callable
@@ -93,6 +94,14 @@ def call_in_thread(fn: Callable[[], Any], wait: Callable[[], None] = lambda: tim
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def error_cause(exc: BaseException) -> str:
+    """The line of a (Ray Train) failure that says what went wrong: the last `SomeError: message` line of
+    the workers' tracebacks, else the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", line)]
+    return (causes or lines or [type(exc).__name__])[-1]
 
 
 def run_name_default(prefix: str) -> str:

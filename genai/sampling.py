@@ -47,6 +47,15 @@ def registered_checkpoints(run: Location) -> list[str]:
     return sorted(n for n in names if run.join(n, TRAINER_STATE).exists())
 
 
+def incomplete_checkpoints(run: Location) -> list[str]:
+    """Checkpoint folders that Ray never registered (an upload cut short by a crash or a full disk).
+    Empty when the run has no Ray snapshot to tell."""
+    if not run.join(RAY_CHECKPOINT_SNAPSHOT).exists():
+        return []
+    registered = set(registered_checkpoints(run))
+    return sorted(n for n in run.list() if n.startswith("checkpoint_0") and n not in registered)
+
+
 def find_model_source(uri: str) -> tuple[str, Location]:
     """('export' | 'checkpoint', location) for a run folder, an export folder or a checkpoint folder."""
     try:

@@ -8,10 +8,12 @@ from typing import Callable
 import _cli
 import yaml
 
-from cluster.launch import call_in_thread, fit, parquet_datasets, run_location, run_name_default
+from cluster.launch import call_in_thread, error_cause, fit, parquet_datasets, run_location, run_name_default
 from cluster.ray_env import connect
 from cluster.storage import StorageError
 from genai.config import ConfigError, available_recipes, load_recipe, recipe_to_yaml
+from genai.data.shards import DatasetError
+from genai.sampling import incomplete_checkpoints, registered_checkpoints
 from genai.train.interrupt import clear_stop, request_stop
 
 RECIPE_FILE = "recipe.yaml"
@@ -77,6 +79,9 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         raise StorageError(f"{run.uri}: cannot write the run folder ({exc})") from None
 
     print(f"run {name}: {run.uri}", flush=True)
+    for folder in incomplete_checkpoints(run):
+        run.join(folder).delete()
+        print(f"removed {folder}: an earlier attempt did not finish writing it", flush=True)
     clear_stop(run.uri)  # a stop request left by an earlier, interrupted attempt
     connect(cpus_needed=c.num_workers * c.cpus_per_worker)
     stopping = []
@@ -98,12 +103,12 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
             name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints))
     except Exception as exc:  # Ray raises TrainingFailedError carrying the workers' errors
-        return _cli.fail(f"training failed: {exc}\nresume with: --name {name}", _cli.EXIT_FAILED)
+        return _failed(exc, run, name, plan)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if result.error:
-        return _cli.fail(f"training failed: {result.error}\nresume with: --name {name}", _cli.EXIT_FAILED)
+        return _failed(result.error, run, name, plan)
     metrics = result.metrics or {}
     if stopping:
         clear_stop(run.uri)
@@ -117,3 +122,17 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         print(f"  {line}")
     print(f"  tensorboard: tensorboard --logdir {run.join('tensorboard').uri}")
     return _cli.EXIT_OK
+
+
+def _failed(exc: BaseException, run, name: str, plan) -> int:
+    """The cause in one line (the workers' full tracebacks are in the log above), then what is kept."""
+    cause, hint = error_cause(exc), ""
+    if "No space left on device" in cause or "Errno 28" in cause:
+        hint = f" (the storage under {run.uri} is full: free space, then resume)"
+    try:
+        plan.verify_data()
+    except DatasetError as bad:  # a shard went missing or changed during the run
+        cause, hint = str(bad), f" (restore it or re-prepare the dataset, then resume; the workers said: {cause})"
+    kept = registered_checkpoints(run)
+    last = f"the last complete checkpoint is {run.join(kept[-1]).uri}" if kept else "no checkpoint was completed"
+    return _cli.fail(f"training failed: {cause}{hint}\n{last}; resume with: --name {name}", _cli.EXIT_FAILED)

@@ -16,7 +16,7 @@ import math
 import _cli
 import yaml
 
-from cluster.launch import fit, parquet_datasets, run_location
+from cluster.launch import error_cause, fit, parquet_datasets, run_location
 from cluster.ray_env import connect
 from cluster.storage import check_access, resolve
 from cluster.tune import fit_reporting_to_tune, read_pointer, run_sweep
@@ -109,7 +109,7 @@ def main() -> int:
                      f"final_{sweep.metric}": metrics.get(sweep.metric), f"best_{sweep.metric}": best,
                      "status": status, "run": run_location(trials_storage, run_name).uri,
                      "cloned_from": metrics.get("cloned_from", ""),
-                     "error": str(r.error).strip().splitlines()[-1][:200] if r.error else ""})
+                     "error": error_cause(r.error)[:200] if r.error else ""})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
     writer.writeheader()

@@ -82,3 +82,25 @@ def s3_env(object_store, monkeypatch):
     for key, value in object_store.env().items():
         monkeypatch.setenv(key, value)
     return object_store.env()
+
+
+# Fault-injection tests record what each fault cost; the lines are printed at the end of the test run.
+FAULTS: list[str] = []
+
+
+@pytest.fixture
+def fault_report(request):
+    """record(fault, kept_step, lost_steps): what a fault left and what it cost, for the end-of-run summary."""
+
+    def record(fault: str, kept_step: int, lost_steps: int, note: str = "") -> None:
+        FAULTS.append(f"{request.node.name}: {fault} -> resumed from the checkpoint of step {kept_step}; "
+                      f"steps lost (trained again): {lost_steps}{'; ' + note if note else ''}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULTS:
+        terminalreporter.section("fault injection: what each fault lost")
+        for line in FAULTS:
+            terminalreporter.write_line(line)

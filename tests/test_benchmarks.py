@@ -22,3 +22,16 @@ def test_gpu_check_runs_the_training_steps_without_ray_or_pyarrow(tmp_path):
     assert gpt["tokens_per_s"] > 0 and gpt["loss_last"] < gpt["loss_first"]  # the steps really train
     assert gan["images_per_s"] > 0
     assert "| GPT-2 small" in r.stdout and "| DCGAN" in r.stdout
+
+
+def test_every_benchmark_script_imports_and_documents_itself():
+    import pytest
+
+    scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+    assert {"bench_nlg.py", "bench_gan.py", "bench_streaming.py", "bench_tune.py", "bench_system.py"} <= set(scripts)
+    for script in scripts:
+        r = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        if r.returncode != 0:
+            pytest.fail(f"{script} --help: {r.stderr[-2000:]}")
+        assert "usage:" in r.stdout, script

@@ -109,7 +109,7 @@ def test_changing_the_model_of_an_existing_run_is_refused(char_dataset, tmp_path
     assert "exists with model.n_layer=9" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_killed_worker_is_restarted_and_training_ends_as_if_uninterrupted(char_dataset, tmp_path):
+def test_killed_worker_is_restarted_and_training_ends_as_if_uninterrupted(char_dataset, tmp_path, fault_report):
     sets = ("cluster.num_workers=2", "deepspeed.zero_stage=2", "train.max_steps=400", "train.eval_interval=50",
             "train.checkpoint_interval=50", "train.log_interval=50", "train.sample_interval=0")
     reference = final_val_loss(train(char_dataset, tmp_path, "reference", *sets).stdout)
@@ -128,13 +128,16 @@ def test_killed_worker_is_restarted_and_training_ends_as_if_uninterrupted(char_d
     workers[-1].send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
-    assert re.search(r"resumed from \S+checkpoint_00000(050|100) at step (50|100)\b", out), out[-4000:]
+    m = re.search(r"resumed from \S+checkpoint_00000(050|100) at step (50|100)\b", out)
+    assert m, out[-4000:]
     # Same steps, same data order, same RNG: the resumed run ends where the uninterrupted one did.
     assert final_val_loss(out) == pytest.approx(reference, abs=1e-4)
+    fault_report("a worker SIGKILLed while checkpoint 100 was being written", int(m.group(2)),
+                 100 - int(m.group(2)), "the final validation loss equals the uninterrupted run's")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_driver_checkpoints_and_the_run_resumes(char_dataset, tmp_path, sig):
+def test_interrupted_driver_checkpoints_and_the_run_resumes(char_dataset, tmp_path, sig, fault_report):
     """Ctrl-C (or a SIGTERM from Kubernetes / ray job stop) loses nothing: the workers checkpoint the step
     they are on, the driver exits 130, and rerunning continues from exactly that step."""
     sets = ("train.max_steps=20000", "train.checkpoint_interval=100000", "train.log_interval=5",
@@ -158,6 +161,7 @@ def test_interrupted_driver_checkpoints_and_the_run_resumes(char_dataset, tmp_pa
     r = train(char_dataset, tmp_path, "stopped", *sets[1:], f"train.max_steps={step + 5}")
     assert re.search(rf"resumed from \S+ at step {step}\b", r.stdout), r.stdout[-3000:]
     assert f"step {step + 5}/{step + 5}" in r.stdout
+    fault_report(f"{sig.name} to the driver", step, 0, "the workers checkpointed the step they were on")
 
 
 def test_bad_input_fails_fast_with_one_line_and_exit_2(char_dataset, tmp_path):

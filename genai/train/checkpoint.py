@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from typing import Callable
 
 import numpy as np
@@ -37,10 +38,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int,
-                    write_meta: Callable[[str], None] | None = None) -> None:
-    """Save every engine under its own tag on every rank, then report the merged checkpoint to Ray."""
+                    write_meta: Callable[[str], None] | None = None) -> float:
+    """Save every engine under its own tag on every rank, then report the merged checkpoint to Ray.
+    Returns the seconds it took (written locally, uploaded to storage, registered by Ray)."""
     import ray.train
 
+    t0 = time.perf_counter()
     step = trainer_state["step"]
     tmp = tempfile.mkdtemp(prefix=f"genai-ckpt-{step}-")
     try:
@@ -58,6 +61,7 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return time.perf_counter() - t0
 
 
 def start_checkpoint(cfg: dict):
@@ -75,10 +79,11 @@ def start_checkpoint(cfg: dict):
 
 
 def restore(checkpoint, engines: dict, rank: int, world_size: int,
-            load_extra: Callable[[str], None] | None = None) -> dict:
-    """Load every engine's shards, this rank's RNG state, and return the trainer state.
+            load_extra: Callable[[str], None] | None = None) -> tuple[dict, float]:
+    """Load every engine's shards and this rank's RNG state; return (the trainer state, seconds it took).
 
     `load_extra(folder)` reads anything else the loop saved in the checkpoint (e.g. an EMA under meta/)."""
+    t0 = time.perf_counter()
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, TRAINER_STATE)) as f:
             state = json.load(f)
@@ -95,4 +100,8 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int,
             set_rng_state(torch.load(rng_file, weights_only=False))
         if load_extra:
             load_extra(d)
-    return state
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, step "
+              f"{state['epoch_step']} of it) in {seconds:.1f}s", flush=True)
+    return state, seconds

@@ -62,6 +62,10 @@ class GANPlan:
     def dataset_uris(self) -> dict[str, list[str]]:
         return {"train": self.manifest.shard_uris("train")}
 
+    def verify_data(self) -> None:
+        """Check the shards against the manifest again (raises DatasetError naming a missing/corrupt one)."""
+        verify_image_shards(self.manifest)
+
 
 def steps_per_epoch(rows_per_worker: int, batch_size: int, n_critic: int) -> int:
     """Generator steps every worker takes per epoch (each takes n_critic real batches)."""
@@ -73,7 +77,7 @@ def plan_gan_run(recipe: GANRecipe, log=print) -> GANPlan:
     d, t, c, m = recipe.data, recipe.train, recipe.cluster, recipe.model
     data_uri = d.uri or ensure_image_dataset(d.source, d.cache_dir, d.val_fraction, log=log)
     manifest = load_image_manifest(data_uri)
-    verify_image_shards(manifest)
+    verify_image_shards(manifest)  # (GANPlan.verify_data, before there is a plan)
     if (manifest.height, manifest.width) != (m.image_size, m.image_size):
         raise ConfigError(f"model.image_size={m.image_size}, but {data_uri} holds {manifest.height}x{manifest.width} "
                           "images (set model.image_size to match, square images only)")
@@ -217,18 +221,18 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     checkpoint = start_checkpoint(cfg)
     if checkpoint:
-        state.update(restore(checkpoint, engines, rank, world, load_extra=load_ema))
+        restored, restore_s = restore(checkpoint, engines, rank, world, load_extra=load_ema)
+        state.update(restored)
         for engine, lr in ((g_engine, t.lr_g), (d_engine, t.lr_d)):  # the recipe's rates win over the saved ones
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-        if rank == 0:
-            print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
-                  f"step {state['epoch_step']} of it)", flush=True)
     else:
         torch.manual_seed(t.seed + 1000 * rank)  # each rank draws its own noise
     resumed_step = state["step"]
 
     logger = RunLogger(cfg["run_uri"], rank, resumed_step, t.max_steps)
+    if checkpoint:
+        logger.scalars(resumed_step, {"perf/restore_s": restore_s})
     if rank == 0 and resumed_step == 0:
         n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
         print(f"models: generator {n_g / 1e6:.2f}M, discriminator {n_d / 1e6:.2f}M parameters; {mcfg.loss} loss"
@@ -310,7 +314,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             metrics.update(step=step, epoch=state["epoch"], images=state["images"], **last)
             logger.flush()
             if save:
-                save_and_report(engines, dict(state), metrics, rank, write_meta)
+                logger.scalars(step, {"perf/checkpoint_s": save_and_report(engines, dict(state), metrics, rank,
+                                                                           write_meta)})
             else:
                 ray.train.report(metrics)
         if metrics:

@@ -57,6 +57,10 @@ class NLGPlan:
     def dataset_uris(self) -> dict[str, list[str]]:
         return {split: self.manifest.shard_uris(split) for split in ("train", "val")}
 
+    def verify_data(self) -> None:
+        """Check the shards against the manifest again (raises DatasetError naming a missing/corrupt one)."""
+        verify_shards(self.manifest)
+
 
 def steps_per_epoch(full_rows: int, chunk_tokens: int, seq_len: int, micro_batch: int, grad_accum: int,
                     seed: int, epoch: int) -> int:
@@ -71,7 +75,7 @@ def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
     data_uri = d.uri or ensure_dataset(d.source, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.chunk_tokens,
                                        d.cache_dir, log=log)
     manifest = load_manifest(data_uri)
-    verify_shards(manifest)
+    verify_shards(manifest)  # (NLGPlan.verify_data, before there is a plan)
     vocab = recipe.model.vocab_size or 64 * math.ceil(manifest.vocab_size / 64)
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
@@ -177,18 +181,18 @@ def train_loop_per_worker(cfg: dict) -> None:
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "world_size": world}
     checkpoint = start_checkpoint(cfg)
     if checkpoint:
-        state.update(restore(checkpoint, {"model": engine}, rank, world))
+        restored, restore_s = restore(checkpoint, {"model": engine}, rank, world)
+        state.update(restored)
         # The recipe's schedule wins over the saved one (a PBT trial may continue with another train.lr).
         sched = engine.lr_scheduler
         sched.base_lrs = [t.lr] * len(sched.base_lrs)
         for group, fn in zip(engine.optimizer.param_groups, sched.lr_lambdas):
             group["initial_lr"], group["lr"] = t.lr, t.lr * fn(sched.last_epoch)
-        if rank == 0:
-            print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
-                  f"step {state['epoch_step']} of it)", flush=True)
     resumed_step = state["step"]
 
     logger = RunLogger(cfg["run_uri"], rank, resumed_step, t.max_steps)
+    if checkpoint:
+        logger.scalars(resumed_step, {"perf/restore_s": restore_s})
     if rank == 0 and resumed_step == 0:
         n = model.num_params()
         print(f"model: {n / 1e6:.2f}M parameters, {model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
@@ -284,7 +288,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             metrics.update(step=step, epoch=state["epoch"], val_loss=last["val_loss"], tokens=state["tokens"])
             logger.flush()
             if save:
-                save_and_report({"model": engine}, dict(state), metrics, rank, write_meta)
+                logger.scalars(step, {"perf/checkpoint_s": save_and_report({"model": engine}, dict(state), metrics,
+                                                                           rank, write_meta)})
             else:
                 ray.train.report(metrics)
         if metrics:
