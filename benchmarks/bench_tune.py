@@ -8,8 +8,10 @@ time_total_s: each trial's driver, Ray Train worker start-up included) and with 
 loops ran (first to last step, from each trial's TensorBoard events).
 
 Quality: sweeps/nlg-shakespeare-asha.yaml (ASHA over train.lr and model.n_embd on the shakespeare-char
-recipe, 8 trials, a fixed budget of about 2.2 recipe runs) against the shakespeare-char recipe trained
-alone in the same run; both models are scored on the whole validation split (bench_nlg.full_val_loss).
+recipe; its budget is fixed by the sweep file: 8 trials, rungs at steps 250 and 750, at most 2000 steps each)
+against the shakespeare-char recipe trained alone in the same run; both models are scored on the whole
+validation split (bench_nlg.full_val_loss). The compute the sweep spent is reported in tokens and in
+recipe-run equivalents.
 
 Prints a markdown table and writes benchmarks/out/tune.json.
 """

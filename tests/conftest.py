@@ -92,9 +92,10 @@ FAULTS: list[str] = []
 def fault_report(request):
     """record(fault, kept_step, lost_steps): what a fault left and what it cost, for the end-of-run summary."""
 
-    def record(fault: str, kept_step: int, lost_steps: int, note: str = "") -> None:
-        FAULTS.append(f"{request.node.name}: {fault} -> resumed from the checkpoint of step {kept_step}; "
-                      f"steps lost (trained again): {lost_steps}{'; ' + note if note else ''}")
+    def record(fault: str, kept_step: int | None, lost_steps: int | None, note: str = "") -> None:
+        outcome = (f"resumed from the checkpoint of step {kept_step}; steps lost (trained again): {lost_steps}"
+                   if kept_step is not None else "the run went on without a restart; nothing lost")
+        FAULTS.append(f"{request.node.name}: {fault} -> {outcome}{'; ' + note if note else ''}")
 
     return record
 

@@ -121,7 +121,7 @@ def test_train_kill_resume_and_generate_all_in_s3(s3_env, s3_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_object_store_outage_mid_run_loses_no_completed_checkpoint(object_store, s3_env, s3_dataset):
+def test_object_store_outage_mid_run_loses_no_completed_checkpoint(object_store, s3_env, s3_dataset, fault_report):
     name = unique("outage")
     args = ["--recipe", "tiny", "--data", s3_dataset, "--storage", "s3://runs", "--name", name,
             "--set", "train.max_steps=400", "--set", "train.checkpoint_interval=50", "--set", "train.eval_interval=50",
@@ -145,3 +145,7 @@ def test_object_store_outage_mid_run_loses_no_completed_checkpoint(object_store,
         print("FIRST RUN:", out[-2500:], "\nRERUN:", again.stdout[-1500:])
     assert run.join("export", "export.json").exists()
     assert run.join("checkpoint_00000400", "trainer_state.json").exists()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", out + (again.stdout if proc.returncode else ""))]
+    fault_report("object store stopped for 5 s while checkpoint 100 was written", resumed[-1] if resumed else None,
+                 100 - resumed[-1] if resumed else None,
+                 "the run failed and was rerun" if proc.returncode else "Ray's storage retries rode it out")
