@@ -14,7 +14,8 @@ DeepSpeed op cache, and 1 -> 2 worker scaling. Medians of repeated runs, each be
 - Scaling: shakespeare-char, 300 steps, 1 worker and 2 workers (same per-worker batch, ZeRO-2, one thread each):
   tokens/s and its efficiency tokens/s(2) / (2 x tokens/s(1)). On a 2-core machine, 2 workers use every core.
 
-Prints markdown tables and writes benchmarks/out/system.json.
+Prints markdown tables and writes benchmarks/out/system.json after each part (a part skipped with --skip-*
+keeps its figures from the last run that measured it).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def plain_first_step(vocab: int) -> float:
 
 
 def first_step_seconds(ds: str, storage: Path, name: str, env: dict) -> float:
-    t0 = train(ds, storage, name, "train.max_steps=2", "train.log_interval=1", "train.eval_interval=1000",
+    t0 = train(ds, storage, name, "train.max_steps=2", "train.warmup_steps=0", "train.log_interval=1",
+               "train.eval_interval=1000",
                "train.eval_batches=1", "train.checkpoint_interval=1000", "model.n_layer=2", "model.n_embd=32",
                "model.n_head=2", env=env)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -157,10 +159,17 @@ def main() -> None:
         prepare_text_dataset(args.corpus, ds, chunk_tokens=1024, overwrite=True)
     vocab = 128
     storage = OUT / f"system-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "repeats": args.repeats}
+    # Sections skipped this time keep their figures from an earlier run (each beside its own baseline).
+    path = OUT / "system.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}", repeats=args.repeats)
+
+    def save() -> None:
+        path.write_text(json.dumps(result, indent=2))
     print(f"\nsystem benchmarks, {result['machine']}, medians of {args.repeats}\n")
     if not args.skip_checkpoint:
         rows = result["checkpoint"] = checkpoint_sizes(ds, storage, vocab, args.repeats)
+        save()
         print("| parameters | checkpoint size | save (ours) | torch.save | restore (ours) | torch.load |")
         print("|---|---|---|---|---|---|")
         for r in rows:
@@ -168,14 +177,15 @@ def main() -> None:
                   f"| {r['torch_save_s']:.2f} s | {r['restore_s']:.2f} s | {r['torch_load_s']:.2f} s |")
     if not args.skip_startup:
         s = result["startup"] = startup(ds, storage, vocab, args.repeats)
+        save()
         print(f"\n| time to first step | ours | plain PyTorch process |\n|---|---|---|\n"
               f"| cold DeepSpeed op cache | {s['cold_s']:.1f} s | {s['plain_s']:.1f} s |\n"
               f"| warm DeepSpeed op cache | {s['warm_s']:.1f} s | {s['plain_s']:.1f} s |")
     if not args.skip_scaling:
         s = result["scaling"] = scaling(ds, storage, args.repeats)
+        save()
         print(f"\n| shakespeare-char tokens/s | 1 worker | 2 workers (ZeRO-2) | efficiency |\n|---|---|---|---|\n"
               f"| medians | {s['tokens_per_s_1w']:,.0f} | {s['tokens_per_s_2w']:,.0f} | {s['efficiency']:.2f} |")
-    (OUT / "system.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

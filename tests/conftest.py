@@ -84,8 +84,10 @@ def s3_env(object_store, monkeypatch):
     return object_store.env()
 
 
-# Fault-injection tests record what each fault cost; the lines are printed at the end of the test run.
+# Fault-injection tests record what each fault cost, and the bad-input sweep each case and its error; both
+# tables are printed at the end of the test run.
 FAULTS: list[str] = []
+BAD_INPUT: list[str] = []
 
 
 @pytest.fixture
@@ -101,7 +103,9 @@ def fault_report(request):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if FAULTS:
-        terminalreporter.section("fault injection: what each fault lost")
-        for line in FAULTS:
-            terminalreporter.write_line(line)
+    for title, lines in (("bad input: every job, each case and its one-line error", BAD_INPUT),
+                         ("fault injection: what each fault lost", FAULTS)):
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)

@@ -1,6 +1,6 @@
 """Bad input to every job: one line on stderr naming the problem, exit code 2, no traceback, nothing written.
 
-The parametrized ids are the table of cases tried (`pytest tests/test_bad_input.py -v` prints it).
+The cases tried, with the error each gave, are printed as a table at the end of the test run.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_job
+from conftest import BAD_INPUT, run_job
 
 
 def make_inputs(tmp: Path, char_dataset: str, digits_dataset: str) -> dict[str, str]:
@@ -102,7 +102,7 @@ CASES = [
 
 @pytest.mark.parametrize("job_name, args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(char_dataset, digits_dataset, tmp_path, job_name, args,
-                                                         message):
+                                                         message, request):
     paths = make_inputs(tmp_path, char_dataset, digits_dataset)
     r = run_job(job_name, *[a.format(**paths) for a in args], timeout=120)
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
@@ -110,3 +110,4 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(char_dataset, digits_da
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0], lines[0]
     assert not Path(paths["out"]).exists() and not Path(paths["runs"]).exists()
+    BAD_INPUT.append(f"{job_name:<20} {request.node.callspec.id:<40} exit 2: {lines[0][:150]}")
