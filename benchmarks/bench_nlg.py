@@ -39,6 +39,14 @@ OUT = ROOT / "benchmarks" / "out"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
+def shakespeare_dataset(corpus: str) -> str:
+    """The char-level dataset every GPT benchmark trains on, prepared once under benchmarks/out/."""
+    ds = str(OUT / "shakespeare-char")
+    if not (Path(ds) / "manifest.json").exists():
+        prepare_text_dataset(corpus, ds, chunk_tokens=1024, overwrite=True)
+    return ds
+
+
 def split_tokens(ds: str, split: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
@@ -123,9 +131,7 @@ def main() -> None:
     p.add_argument("--skip-zero", action="store_true", help="skip the 2-worker ZeRO-2/3 rows")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    ds = str(OUT / "shakespeare-char")
-    if not (Path(ds) / "manifest.json").exists():
-        prepare_text_dataset(args.corpus, ds, chunk_tokens=1024, overwrite=True)
+    ds = shakespeare_dataset(args.corpus)
     train, val = split_tokens(ds, "train"), split_tokens(ds, "val")
     vocab = 64 * math.ceil(load_manifest(ds).vocab_size / 64)
     storage = OUT / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -30,11 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_nlg import OUT, ROOT, SHAKESPEARE, ours
+from bench_nlg import OUT, ROOT, SHAKESPEARE, shakespeare_dataset, ours
 
 import torch  # noqa: E402
 
-from genai.data.text_dataset import prepare_text_dataset  # noqa: E402
 from genai.models.gpt import GPT, GPTConfig  # noqa: E402
 
 SIZES = [(4, 128), (6, 384), (12, 768)]  # (n_layer, n_embd): ~0.8M, ~11M, ~85M parameters
@@ -154,9 +153,7 @@ def main() -> None:
     p.add_argument("--skip-scaling", action="store_true")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    ds = str(OUT / "shakespeare-char")
-    if not (Path(ds) / "manifest.json").exists():
-        prepare_text_dataset(args.corpus, ds, chunk_tokens=1024, overwrite=True)
+    ds = shakespeare_dataset(args.corpus)
     vocab = 128
     storage = OUT / f"system-{time.strftime('%Y%m%d-%H%M%S')}"
     # Sections skipped this time keep their figures from an earlier run (each beside its own baseline).

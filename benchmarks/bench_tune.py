@@ -30,9 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from bench_nlg import OUT, ROOT, SHAKESPEARE, full_val_loss, ours, split_tokens
+from bench_nlg import OUT, ROOT, SHAKESPEARE, shakespeare_dataset, full_val_loss, ours, split_tokens
 
-from genai.data.text_dataset import prepare_text_dataset
 from genai.sampling import load_model
 
 
@@ -102,9 +101,7 @@ def main() -> None:
     p.add_argument("--skip-quality", action="store_true", help="only the overhead sweep (~3 min)")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    ds = str(OUT / "shakespeare-char")
-    if not (Path(ds) / "manifest.json").exists():
-        prepare_text_dataset(args.corpus, ds, chunk_tokens=1024, overwrite=True)
+    ds = shakespeare_dataset(args.corpus)
     storage = OUT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     machine = f"{os.cpu_count()} CPU cores"
     result = {"machine": machine, "overhead": overhead(ds, storage)}

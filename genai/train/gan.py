@@ -77,7 +77,7 @@ def plan_gan_run(recipe: GANRecipe, log=print) -> GANPlan:
     d, t, c, m = recipe.data, recipe.train, recipe.cluster, recipe.model
     data_uri = d.uri or ensure_image_dataset(d.source, d.cache_dir, d.val_fraction, log=log)
     manifest = load_image_manifest(data_uri)
-    verify_image_shards(manifest)  # (GANPlan.verify_data, before there is a plan)
+    verify_image_shards(manifest)
     if (manifest.height, manifest.width) != (m.image_size, m.image_size):
         raise ConfigError(f"model.image_size={m.image_size}, but {data_uri} holds {manifest.height}x{manifest.width} "
                           "images (set model.image_size to match, square images only)")

@@ -75,7 +75,7 @@ def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
     data_uri = d.uri or ensure_dataset(d.source, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.chunk_tokens,
                                        d.cache_dir, log=log)
     manifest = load_manifest(data_uri)
-    verify_shards(manifest)  # (NLGPlan.verify_data, before there is a plan)
+    verify_shards(manifest)
     vocab = recipe.model.vocab_size or 64 * math.ceil(manifest.vocab_size / 64)
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
