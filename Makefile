@@ -36,7 +36,7 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The whole benchmark suite on this machine (~85 min on 2 CPU cores, run it idle), then benchmarks/RESULTS.md.
+# The whole benchmark suite on this machine (~100 min on 2 CPU cores, run it idle; medians of 3), then benchmarks/RESULTS.md.
 # On a GPU machine run benchmarks/gpu_check.py too (see benchmarks/README.md) before the report.
 bench: setup
 	$(PY) benchmarks/bench_nlg.py

@@ -1,14 +1,15 @@
 """GPT bars: quality and overhead of Ray Train + DeepSpeed against a plain PyTorch loop, same run.
 
-    python benchmarks/bench_nlg.py [--corpus ../shared/data/tinyshakespeare/input.txt] [--steps 2000]
+    python benchmarks/bench_nlg.py [--corpus ../shared/data/tinyshakespeare/input.txt] [--steps 2000] [--repeats 3]
 
 Measures, on nanoGPT's shakespeare_char CPU configuration (4 layers, 4 heads, 128 wide, block 64,
 batch 12, lr 1e-3, dropout 0):
   - plain: a single-process PyTorch loop (torch AdamW, same model, batch, schedule, threads);
   - ours: jobs/train_nlg.py, 1 worker, DeepSpeed ZeRO-0, batches streamed by Ray Data;
   - ours with 2 workers under ZeRO-2 and ZeRO-3 (same per-worker batch).
-Both models are scored by the same function on the whole validation split. Prints a markdown table and
-writes benchmarks/out/nlg.json.
+Both models are scored by the same function on the whole validation split. Each configuration runs
+--repeats times, interleaved (plain, ours, ... then again) so that load on the machine falls on both sides;
+the figures are medians, with the tokens/s range. Prints a markdown table and writes benchmarks/out/nlg.json.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from genai.data.text_dataset import load_manifest, prepare_text_dataset  # noqa:
 from genai.models.gpt import GPT, GPTConfig  # noqa: E402
 from genai.sampling import load_model  # noqa: E402
 from genai.train.schedule import warmup_cosine  # noqa: E402
+from _stats import medians, spread  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -128,6 +130,7 @@ def main() -> None:
     p.add_argument("--corpus", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else "builtin:shakespeare")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker and for the plain loop")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each configuration; figures are medians")
     p.add_argument("--skip-zero", action="store_true", help="skip the 2-worker ZeRO-2/3 rows")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -136,28 +139,33 @@ def main() -> None:
     vocab = 64 * math.ceil(load_manifest(ds).vocab_size / 64)
     storage = OUT / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    plain = plain_loop(train, vocab, args.steps, args.threads)
-    plain_val = full_val_loss(plain["model"], val, 64)
-    rows = {"plain": {**{k: v for k, v in plain.items() if k != "model"}, "val_loss": plain_val}}
     runs = [("ours-zero0-1w", ())]
     if not args.skip_zero:
         runs += [("ours-zero2-2w", ("cluster.num_workers=2", "cluster.cpus_per_worker=0.5", "deepspeed.zero_stage=2")),
                  ("ours-zero3-2w", ("cluster.num_workers=2", "cluster.cpus_per_worker=0.5", "deepspeed.zero_stage=3"))]
-    for name, sets in runs:
-        r = ours(ds, storage, name, args.steps, args.threads, *sets)
-        model = load_model(str(r.pop("run"))).model
-        rows[name] = {**r, "val_loss": full_val_loss(model, val, 64)}
+    samples: dict[str, list[dict]] = {"plain": [], **{name: [] for name, _ in runs}}
+    for i in range(args.repeats):
+        plain = plain_loop(train, vocab, args.steps, args.threads)
+        samples["plain"].append({**{k: v for k, v in plain.items() if k != "model"},
+                                 "val_loss": full_val_loss(plain["model"], val, 64)})
+        for name, sets in runs:
+            r = ours(ds, storage, f"{name}-{i}", args.steps, args.threads, *sets)
+            model = load_model(str(r.pop("run"))).model
+            samples[name].append({**r, "val_loss": full_val_loss(model, val, 64)})
+            print(f"repeat {i + 1}/{args.repeats} {name}: {r['tokens_per_s']:,.0f} tokens/s "
+                  f"(plain {plain['tokens_per_s']:,.0f})", flush=True)
+    rows = {name: medians(s) for name, s in samples.items()}
 
     machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s) per process"
-    result = {"machine": machine, "steps": args.steps, "corpus": args.corpus, "rows": rows,
+    result = {"machine": machine, "steps": args.steps, "repeats": args.repeats, "corpus": args.corpus, "rows": rows,
               "bars": {"val_loss_max": 1.90, "tokens_per_s_ratio_min": 0.95}}
     (OUT / "nlg.json").write_text(json.dumps(result, indent=2))
     base = rows["plain"]["tokens_per_s"]
-    print(f"\nGPT shakespeare_char, {args.steps} steps, {machine}\n")
+    print(f"\nGPT shakespeare_char, {args.steps} steps, {machine}, medians of {args.repeats}\n")
     print("| run | val loss (full val split) | tokens/s | vs plain | time to first step (s) |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['val_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.3f} "
+        print(f"| {name} | {r['val_loss']:.4f} | {spread(r, 'tokens_per_s')} | {r['tokens_per_s'] / base:.3f} "
               f"| {r['first_step_s']:.1f} |")
     ok = rows["ours-zero0-1w"]
     print(f"\nbar: val loss <= 1.90: {ok['val_loss']:.4f} -> {'PASS' if ok['val_loss'] <= 1.90 else 'FAIL'}")

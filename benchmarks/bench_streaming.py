@@ -1,7 +1,7 @@
 """Ray Data streaming from the local object store (SeaweedFS S3) to 2 Ray Train workers, against plain
 pyarrow reading the same shards in one process, in the same run.
 
-    python benchmarks/bench_streaming.py [--copies 8]
+    python benchmarks/bench_streaming.py [--copies 8] [--repeats 3]
 
 Starts its own SeaweedFS on loopback, prepares tiny Shakespeare (repeated --copies times) into the bucket
 as char-level parquet shards, then measures tokens/s and time to first batch for both readers. The last
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _stats import medians, spread  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -94,6 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--copies", type=int, default=8, help="repeat the corpus this many times")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="reads by each reader; figures are medians")
     p.add_argument("--consume-tokens-per-s", type=float, default=5000.0,
                    help="training consumption per worker when benchmarks/out/nlg.json is absent")
     args = p.parse_args()
@@ -112,8 +118,13 @@ def main() -> None:
         corpus.write_text(text * args.copies)
         uri = "s3://datasets/bench-char"
         prepare_text_dataset(str(corpus), uri, chunk_tokens=1024, shard_tokens=1 << 20, overwrite=True)
-        plain = plain_pyarrow(uri)
-        ray_stream = ray_streaming(uri, args.workers)
+        plains, streams = [], []
+        for _ in range(args.repeats):
+            plains.append(plain_pyarrow(uri))
+            streams.append(ray_streaming(uri, args.workers))
+        plain, ray_stream = medians(plains), medians(streams)
+        ray_stream["per_worker_tokens_per_s"] = [statistics.median(r["per_worker_tokens_per_s"][w] for r in streams)
+                                                 for w in range(args.workers)]
     finally:
         store.stop()
 
@@ -123,13 +134,15 @@ def main() -> None:
         consume = json.loads(nlg.read_text())["rows"]["ours-zero0-1w"]["tokens_per_s"]
     per_worker = min(ray_stream["per_worker_tokens_per_s"])
     result = {"plain_pyarrow": plain, "ray_data": ray_stream, "training_tokens_per_s_per_worker": consume,
-              "headroom": per_worker / consume, "copies": args.copies, "cpus": os.cpu_count()}
+              "headroom": per_worker / consume, "copies": args.copies, "cpus": os.cpu_count(),
+              "repeats": args.repeats}
     (OUT / "streaming.json").write_text(json.dumps(result, indent=2))
-    print(f"\nStreaming {plain['tokens']:,} tokens from SeaweedFS S3 on loopback ({os.cpu_count()} CPU cores)\n")
+    print(f"\nStreaming {plain['tokens']:,.0f} tokens from SeaweedFS S3 on loopback ({os.cpu_count()} CPU cores), "
+          f"medians of {args.repeats}\n")
     print("| reader | tokens/s | time to first batch (s) | per worker tokens/s | vs training step |")
     print("|---|---|---|---|---|")
-    print(f"| plain pyarrow, 1 process | {plain['tokens_per_s']:,.0f} | {plain['first_batch_s']:.2f} | - | - |")
-    print(f"| Ray Data -> {args.workers} Train workers (windows, shuffle) | {ray_stream['tokens_per_s']:,.0f} | "
+    print(f"| plain pyarrow, 1 process | {spread(plain, 'tokens_per_s')} | {plain['first_batch_s']:.2f} | - | - |")
+    print(f"| Ray Data -> {args.workers} Train workers (windows, shuffle) | {spread(ray_stream, 'tokens_per_s')} | "
           f"{ray_stream['first_batch_s']:.2f} | {per_worker:,.0f} | {per_worker / consume:.0f}x of {consume:,.0f} |")
 
 

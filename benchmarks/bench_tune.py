@@ -1,17 +1,19 @@
 """Tune bars: the scheduling overhead of a sweep, and what an ASHA search finds against the hand-set recipe.
 
-    python benchmarks/bench_tune.py [--corpus ../shared/data/tinyshakespeare/input.txt] [--skip-quality]
+    python benchmarks/bench_tune.py [--corpus ../shared/data/tinyshakespeare/input.txt] [--repeats 3] [--skip-quality]
 
 Overhead: sweeps/nlg-lr-width.yaml (tiny recipe, 4 trials of 60 steps) run first-in-first-out, one trial
 at a time, so the sweep's wall time compares directly with the sum of its trials' own times (Tune's
 time_total_s: each trial's driver, Ray Train worker start-up included) and with the time their training
-loops ran (first to last step, from each trial's TensorBoard events).
+loops ran (first to last step, from each trial's TensorBoard events). The sweep runs --repeats times;
+the figures are medians.
 
 Quality: sweeps/nlg-shakespeare-asha.yaml (ASHA over train.lr and model.n_embd on the shakespeare-char
 recipe; its budget is fixed by the sweep file: 8 trials, rungs at steps 250 and 750, at most 2000 steps each)
 against the shakespeare-char recipe trained alone in the same run; both models are scored on the whole
 validation split (bench_nlg.full_val_loss). The compute the sweep spent is reported in tokens and in
-recipe-run equivalents.
+recipe-run equivalents. One sweep (it is itself 8 runs); --skip-quality keeps the quality section of an
+earlier benchmarks/out/tune.json, which carries the date it was measured.
 
 Prints a markdown table and writes benchmarks/out/tune.json.
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from bench_nlg import OUT, ROOT, SHAKESPEARE, shakespeare_dataset, full_val_loss, ours, split_tokens
+from _stats import medians
 
 from genai.sampling import load_model
 
@@ -69,13 +72,17 @@ def loop_seconds(run: Path) -> float:
     return loss[-1].wall_time - loss[0].wall_time + step_time[0].value * loss[0].step
 
 
-def overhead(ds: str, storage: Path) -> dict:
-    wall, folder, _ = sweep(ROOT / "sweeps" / "nlg-lr-width.yaml", storage, ds, name="overhead",
-                            scheduler={"type": "fifo"}, max_concurrent_trials=1)
-    trials = trial_results(folder)
-    runs = [Path(r) for r in (row["run"] for row in csv.DictReader(open(folder / "results.csv")))]
-    return {"trials": len(trials), "steps": trials[0]["step"], "sweep_wall_s": wall,
-            "trial_s": sum(t["time_total_s"] for t in trials), "loop_s": sum(loop_seconds(r) for r in runs)}
+def overhead(ds: str, storage: Path, repeats: int) -> dict:
+    sweeps = []
+    for i in range(repeats):
+        wall, folder, _ = sweep(ROOT / "sweeps" / "nlg-lr-width.yaml", storage, ds, name=f"overhead-{i}",
+                                scheduler={"type": "fifo"}, max_concurrent_trials=1)
+        trials = trial_results(folder)
+        runs = [Path(r) for r in (row["run"] for row in csv.DictReader(open(folder / "results.csv")))]
+        sweeps.append({"trials": len(trials), "steps": trials[0]["step"], "sweep_wall_s": wall,
+                       "trial_s": sum(t["time_total_s"] for t in trials), "loop_s": sum(map(loop_seconds, runs))})
+        print(f"overhead sweep {i + 1}/{repeats}: {wall:.1f} s", flush=True)
+    return medians(sweeps)
 
 
 def quality(ds: str, storage: Path, val) -> dict:
@@ -88,8 +95,8 @@ def quality(ds: str, storage: Path, val) -> dict:
     best_val = full_val_loss(load_model(best["run"]).model, val, 64)
     tokens = sum(t["tokens"] for t in trial_results(folder))
     recipe_tokens = 2000 * 12 * 64
-    return {"recipe_val_loss": recipe_val, "recipe_wall_s": recipe["wall_s"], "sweep_val_loss": best_val,
-            "sweep_wall_s": wall, "best": {k: best[k] for k in ("trial", "train.lr", "model.n_embd")},
+    return {"measured": time.strftime("%Y-%m-%d"), "recipe_val_loss": recipe_val, "recipe_wall_s": recipe["wall_s"],
+            "sweep_val_loss": best_val, "sweep_wall_s": wall, "best": {k: best[k] for k in ("trial", "train.lr", "model.n_embd")},
             "trials": [{k: r[k] for k in ("train.lr", "model.n_embd", "step", "final_val_loss", "status")}
                        for r in rows],
             "tokens": tokens, "budget_recipe_runs": tokens / recipe_tokens}
@@ -98,21 +105,27 @@ def quality(ds: str, storage: Path, val) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else "builtin:shakespeare")
-    p.add_argument("--skip-quality", action="store_true", help="only the overhead sweep (~3 min)")
+    p.add_argument("--repeats", type=int, default=3, help="overhead sweeps; figures are medians")
+    p.add_argument("--skip-quality", action="store_true",
+                   help="only the overhead sweeps (~4 min); keeps an earlier run's quality section")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     ds = shakespeare_dataset(args.corpus)
     storage = OUT / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     machine = f"{os.cpu_count()} CPU cores"
-    result = {"machine": machine, "overhead": overhead(ds, storage)}
+    result = {"machine": machine, "repeats": args.repeats, "overhead": overhead(ds, storage, args.repeats)}
     o = result["overhead"]
-    print(f"\nRay Tune, {machine}\n")
+    print(f"\nRay Tune, {machine}, medians of {args.repeats}\n")
     print("| measured | sweep | sum over trials | ratio |\n|---|---|---|---|")
     print(f"| {o['trials']}-trial sweep, tiny recipe, {o['steps']} steps, 1 at a time: wall s vs trials' own time "
           f"| {o['sweep_wall_s']:.1f} | {o['trial_s']:.1f} | {o['sweep_wall_s'] / o['trial_s']:.2f} |")
     print(f"| same: wall s vs time inside the training loops | {o['sweep_wall_s']:.1f} | {o['loop_s']:.1f} "
           f"| {o['sweep_wall_s'] / o['loop_s']:.2f} |")
-    if not args.skip_quality:
+    earlier = OUT / "tune.json"
+    if args.skip_quality and earlier.exists() and "quality" in json.loads(earlier.read_text()):
+        result["quality"] = json.loads(earlier.read_text())["quality"]
+        print(f"\nquality section kept from the run of {result['quality'].get('measured', 'an earlier day')}")
+    elif not args.skip_quality:
         q = result["quality"] = quality(ds, storage, split_tokens(ds, "val"))
         print("\n| measured | ASHA sweep's best | shakespeare-char recipe | ratio |\n|---|---|---|---|")
         print(f"| val loss (whole val split) | {q['sweep_val_loss']:.4f} (lr {float(q['best']['train.lr']):.2e}, "

@@ -3,8 +3,10 @@ otherwise an embedded local Ray started for this process."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,12 +21,19 @@ DRIVER_ENV_DEFAULTS = {
 }
 
 
+def op_cache_dir() -> str:
+    """DeepSpeed's JIT op cache for this Python environment. Ninja rebuilds an op whenever its build file
+    changes, and the build file names the DeepSpeed sources' path, so two virtual environments sharing one
+    folder would rebuild each other's ops (~20 s per run): one folder per environment."""
+    env_id = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+    return os.path.expanduser(f"~/.cache/genai-cluster/torch_extensions/{env_id}")
+
+
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: project importable, DeepSpeed's op cache in a stable place."""
     env = {
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/genai-cluster/torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", op_cache_dir()),
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key in ("DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):

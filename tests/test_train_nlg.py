@@ -136,32 +136,38 @@ def test_killed_worker_is_restarted_and_training_ends_as_if_uninterrupted(char_d
                  100 - int(m.group(2)), "the final validation loss equals the uninterrupted run's")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_driver_checkpoints_and_the_run_resumes(char_dataset, tmp_path, sig, fault_report):
+def test_interrupted_driver_checkpoints_and_the_run_resumes(char_dataset, tmp_path, fault_report):
     """Ctrl-C (or a SIGTERM from Kubernetes / ray job stop) loses nothing: the workers checkpoint the step
-    they are on, the driver exits 130, and rerunning continues from exactly that step."""
+    they are on, the driver exits 130, and rerunning continues from exactly that step. The resumed run is
+    interrupted again (SIGTERM this time) and resumed once more."""
     sets = ("train.max_steps=20000", "train.checkpoint_interval=100000", "train.log_interval=5",
             "train.eval_interval=100000", "train.sample_interval=0")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_nlg.py"),
-                             *train_args(char_dataset, tmp_path, "stopped", *sets)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(r"step\s+20/", line):
-            proc.send_signal(sig)
-            break
-    out = "".join(lines) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, out[-4000:]
-    m = re.search(r"stopped at step (\d+) with a checkpoint; resume with: --name stopped", out)
-    assert m, out[-4000:]
-    step = int(m.group(1))
-    assert step >= 20 and (tmp_path / "stopped" / f"checkpoint_{step:08d}" / "trainer_state.json").exists()
+    step = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_nlg.py"),
+                                 *train_args(char_dataset, tmp_path, "stopped", *sets)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            at = re.search(r"step\s+(\d+)/", line)
+            if at and int(at.group(1)) >= step + 20:
+                proc.send_signal(sig)
+                break
+        out = "".join(lines) + proc.communicate(timeout=300)[0]
+        assert proc.returncode == 130, out[-4000:]
+        if step:
+            assert re.search(rf"resumed from \S+ at step {step}\b", out), out[-3000:]
+        m = re.search(r"stopped at step (\d+) with a checkpoint; resume with: --name stopped", out)
+        assert m, out[-4000:]
+        assert int(m.group(1)) >= step + 20
+        step = int(m.group(1))
+        assert (tmp_path / "stopped" / f"checkpoint_{step:08d}" / "trainer_state.json").exists()
+        fault_report(f"{sig.name} to the driver", step, 0, "the workers checkpointed the step they were on")
 
     r = train(char_dataset, tmp_path, "stopped", *sets[1:], f"train.max_steps={step + 5}")
     assert re.search(rf"resumed from \S+ at step {step}\b", r.stdout), r.stdout[-3000:]
     assert f"step {step + 5}/{step + 5}" in r.stdout
-    fault_report(f"{sig.name} to the driver", step, 0, "the workers checkpointed the step they were on")
 
 
 def test_bad_input_fails_fast_with_one_line_and_exit_2(char_dataset, tmp_path):

@@ -1,0 +1,25 @@
+"""Medians of repeated benchmark runs, keeping every run's figures for the raw JSON."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def medians(runs: list[dict]) -> dict:
+    """One row from repeated runs: the median of every numeric field, `runs` (each run's figures), and
+    `<field>_min`/`<field>_max` for the throughput fields so a table can show the spread."""
+    row: dict = {"repeats": len(runs), "runs": runs}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs]
+            row[key] = statistics.median(values)
+            if key.endswith("_per_s"):
+                row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+    return row
+
+
+def spread(row: dict, key: str) -> str:
+    """'15,658 (15,100-16,020, n=3)' for a median row; just the figure for a single run."""
+    if row.get("repeats", 1) < 2:
+        return f"{row[key]:,.0f}"
+    return f"{row[key]:,.0f} ({row[key + '_min']:,.0f}-{row[key + '_max']:,.0f}, n={row['repeats']})"
