@@ -126,3 +126,18 @@ def test_window_stream_is_reproducible_and_resumable():
     for _ in range(5):
         next(it)
     assert all(np.array_equal(x, y) for x, y in zip(list(it), a[5:]))
+
+
+def test_validation_windows_are_each_workers_own_rows_and_the_same_every_time(char_dataset):
+    from genai.data.text_dataset import load_manifest
+    from genai.train.nlg import _val_batches
+
+    uris = load_manifest(char_dataset).shard_uris("val")
+    rank0, rank1 = (_val_batches(uris, 32, 4, 3, 1337, rank, 2) for rank in (0, 1))
+    assert len(rank0) == len(rank1) == 3 and all(b.shape == (4, 33) for b in rank0 + rank1)
+    again = _val_batches(uris, 32, 4, 3, 1337, 0, 2)
+    assert all((a == b).all() for a, b in zip(rank0, again))  # the same windows at every evaluation
+    windows = [{w.tobytes() for b in batches for w in b} for batches in (rank0, rank1)]
+    assert not windows[0] & windows[1]  # every world-th row: the workers evaluate different text
+    alone = _val_batches(uris, 32, 4, 100_000, 1337, 0, 1)  # asks for more than there is: the whole split
+    assert windows[0] | windows[1] <= {w.tobytes() for b in alone for w in b}

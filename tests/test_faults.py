@@ -1,6 +1,6 @@
 """Fault injection on real Ray, DeepSpeed, parquet and a real (tmpfs) filesystem: a full disk under the run,
-a dataset shard deleted or corrupted mid-run. Each fault must fail clearly, keep the last complete checkpoint,
-and lose nothing beyond the last checkpoint interval once the run is resumed. (Killed workers, interrupted
+a dataset shard deleted mid-run (then put back corrupted). Each fault must fail clearly, keep the last
+complete checkpoint, and lose nothing beyond the last checkpoint interval once the run is resumed. (Killed workers, interrupted
 drivers and an object-store outage are in test_train_nlg.py and test_object_storage.py.)"""
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ def test_full_disk_fails_clearly_keeps_the_last_checkpoint_and_resumes(char_data
                  f"the cut-short checkpoint_{cut:08d} was never registered and was removed on resume")
 
 
-@pytest.mark.parametrize("fault", ["deleted", "corrupted"])
-def test_shard_deleted_or_corrupted_mid_run_is_named_and_the_run_resumes(fault, corpus_file, tmp_path,
-                                                                         fault_report):
+def test_shard_deleted_mid_run_is_named_a_corrupt_one_is_refused_and_the_run_resumes(corpus_file, tmp_path,
+                                                                                     fault_report):
+    """A training shard deleted mid-run: the run fails naming it and its last complete checkpoint. Put back
+    corrupted (same size, garbage: only the checksum can tell), the rerun is refused before Ray starts. Put
+    back whole, the run resumes from that checkpoint and finishes."""
     from genai.data.text_dataset import prepare_text_dataset
 
     # A small multi-shard dataset: an epoch is a few hundred steps, and each epoch reads the shards anew.
@@ -105,18 +107,20 @@ def test_shard_deleted_or_corrupted_mid_run_is_named_and_the_run_resumes(fault, 
     while not (run / "checkpoint_00000100" / "trainer_state.json").exists() and proc.poll() is None:
         assert time.time() < deadline, "no checkpoint"
         time.sleep(0.1)
-    if fault == "deleted":
-        shard.unlink()
-    else:
-        shard.write_bytes(b"\0" * len(original))  # same size, garbage: only the checksum can tell
+    shard.unlink()
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     kept = registered(run)[-1]
     first, second = error_lines(err)
-    reason = "is missing" if fault == "deleted" else "checksum does not match the manifest"
-    assert first.startswith(f"error: training failed: {shard}: shard") and reason in first, first
+    assert first.startswith(f"error: training failed: {shard}: shard listed in the manifest is missing"), first
     assert second == f"the last complete checkpoint is {run / f'checkpoint_{kept:08d}'}; resume with: --name shard"
     failed_at = max(int(s) for s in re.findall(r"step\s+(\d+)/500", out))  # last progress line before the fault
+
+    shard.write_bytes(b"\0" * len(original))
+    refused = run_job("train_nlg.py", *args)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert f"{shard}: shard is corrupt (checksum does not match the manifest)" in refused.stderr
+    assert registered(run)[-1] == kept  # nothing was started, nothing changed
 
     shard.write_bytes(original)
     again = run_job("train_nlg.py", *args)
@@ -124,5 +128,6 @@ def test_shard_deleted_or_corrupted_mid_run_is_named_and_the_run_resumes(fault, 
     assert re.search(rf"resumed from \S+ at step {kept}\b", again.stdout)
     assert "done: run shard at step 500" in again.stdout
     assert failed_at - kept < 100  # nothing lost beyond one checkpoint interval
-    fault_report(f"training shard {fault} mid-run (hit when the next epoch read it)", kept, failed_at - kept,
+    fault_report("training shard deleted mid-run (hit when the next epoch read it), then put back corrupted "
+                 "(refused before Ray started)", kept, failed_at - kept,
                  "counted to the last progress line (every 100 steps) before the failure")

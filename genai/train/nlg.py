@@ -52,10 +52,12 @@ class NLGPlan:
             "run_uri": run_uri,
             "chunk_tokens": self.manifest.chunk_tokens,
             "train_full_rows": self.manifest.min_full_rows("train", self.recipe.cluster.num_workers),
+            "val_shards": self.manifest.shard_uris("val"),
         }
 
     def dataset_uris(self) -> dict[str, list[str]]:
-        return {split: self.manifest.shard_uris(split) for split in ("train", "val")}
+        """Ray Data streams the training split; the workers read their few validation rows themselves."""
+        return {"train": self.manifest.shard_uris("train")}
 
     def verify_data(self) -> None:
         """Check the shards against the manifest again (raises DatasetError naming a missing/corrupt one)."""
@@ -117,14 +119,28 @@ def _peak_flops(t, device: torch.device) -> float | None:
     return None
 
 
-def _val_batches(shard, seq_len: int, micro_batch: int, n: int, seed: int, rank: int) -> list:
-    """The same fixed validation windows at every evaluation (the rest of the split is drained)."""
-    stream = WindowStream(shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH), seq_len,
-                          micro_batch, seed, 0, rank, shuffle_buffer=1, offset=0)
+def _val_batches(shard_uris: list[str], seq_len: int, micro_batch: int, n: int, seed: int, rank: int,
+                 world: int) -> list:
+    """The same fixed validation windows at every evaluation: this worker's share (every world-th row) of
+    the validation split, read straight from storage and only as far as the first `n` micro-batches."""
+    import pyarrow.parquet as pq
+
+    def my_rows():
+        seen = 0
+        for uri in shard_uris:
+            loc = resolve(uri)
+            with loc.fs.open_input_file(loc.path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_FETCH, columns=["tokens"]):
+                    mine = [i for i in range(batch.num_rows) if (seen + i) % world == rank]
+                    seen += batch.num_rows
+                    if mine:
+                        yield batch.take(mine)
+
     out = []
-    for mb in stream:
-        if len(out) < n:
-            out.append(mb)
+    for mb in WindowStream(my_rows(), seq_len, micro_batch, seed, 0, rank, shuffle_buffer=1, offset=0):
+        out.append(mb)
+        if len(out) == n:
+            break
     return out
 
 
@@ -210,7 +226,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         with open(os.path.join(meta_dir, "recipe.yaml"), "w") as f:
             f.write(recipe_yaml)
 
-    val_batches = _val_batches(ray.train.get_dataset_shard("val"), seq_len, micro, t.eval_batches, t.seed, rank)
+    val_batches = _val_batches(cfg["val_shards"], seq_len, micro, t.eval_batches, t.seed, rank, world)
     n_val = torch.tensor([len(val_batches)], device=device)
     dist.all_reduce(n_val, op=dist.ReduceOp.MIN)
     val_batches = val_batches[: int(n_val.item())]
