@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 
 def medians(runs: list[dict]) -> dict:
@@ -23,3 +25,12 @@ def spread(row: dict, key: str) -> str:
     if row.get("repeats", 1) < 2:
         return f"{row[key]:,.0f}"
     return f"{row[key]:,.0f} ({row[key + '_min']:,.0f}-{row[key + '_max']:,.0f}, n={row['repeats']})"
+
+
+def earlier_section(path: Path, section: str) -> dict | None:
+    """`section` of an earlier run's JSON (a benchmark asked to re-measure only its other half), announced
+    with the date it was measured."""
+    old = json.loads(path.read_text()).get(section) if path.exists() else None
+    if old is not None:
+        print(f"{section} section kept from the run of {old.get('measured', 'an earlier day')}")
+    return old

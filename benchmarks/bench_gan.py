@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from genai.config import load_recipe  # noqa: E402
 from genai.data.image_dataset import load_image_arrays, load_image_manifest, prepare_image_dataset  # noqa: E402
 from genai.models.gan import EMA, GANConfig, Discriminator, Generator, d_loss, g_loss, init_weights  # noqa: E402
-from _stats import medians, spread  # noqa: E402
+from _stats import earlier_section, medians, spread  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -129,10 +129,9 @@ def main() -> None:
     cfg = GANConfig(image_size=28, channels=1, z_dim=recipe.model.z_dim, ngf=recipe.model.ngf, ndf=recipe.model.ndf,
                     num_classes=m.num_classes, loss=recipe.model.loss, spectral_norm=recipe.model.spectral_norm)
     images, labels = load_image_arrays(str(ds), "train", limit=20000)
-    earlier = OUT / "gan.json"
-    if args.skip_overhead and earlier.exists() and "overhead" in json.loads(earlier.read_text()):
-        result["overhead"] = json.loads(earlier.read_text())["overhead"]
-        print(f"overhead section kept from the run of {result['overhead'].get('measured', 'an earlier day')}")
+    kept = earlier_section(OUT / "gan.json", "overhead") if args.skip_overhead else None
+    if kept:
+        result["overhead"] = kept
     else:
         pairs = []
         for i in range(args.repeats):

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from bench_nlg import OUT, ROOT, SHAKESPEARE, shakespeare_dataset, full_val_loss, ours, split_tokens
-from _stats import medians
+from _stats import earlier_section, medians
 
 from genai.sampling import load_model
 
@@ -121,10 +121,9 @@ def main() -> None:
           f"| {o['sweep_wall_s']:.1f} | {o['trial_s']:.1f} | {o['sweep_wall_s'] / o['trial_s']:.2f} |")
     print(f"| same: wall s vs time inside the training loops | {o['sweep_wall_s']:.1f} | {o['loop_s']:.1f} "
           f"| {o['sweep_wall_s'] / o['loop_s']:.2f} |")
-    earlier = OUT / "tune.json"
-    if args.skip_quality and earlier.exists() and "quality" in json.loads(earlier.read_text()):
-        result["quality"] = json.loads(earlier.read_text())["quality"]
-        print(f"\nquality section kept from the run of {result['quality'].get('measured', 'an earlier day')}")
+    kept = earlier_section(OUT / "tune.json", "quality") if args.skip_quality else None
+    if kept:
+        result["quality"] = kept
     elif not args.skip_quality:
         q = result["quality"] = quality(ds, storage, split_tokens(ds, "val"))
         print("\n| measured | ASHA sweep's best | shakespeare-char recipe | ratio |\n|---|---|---|---|")

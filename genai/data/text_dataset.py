@@ -164,6 +164,22 @@ def verify_shards(manifest: TextManifest, checksums: bool | None = None) -> None
     _verify_shards(manifest.uri, [s for info in manifest.splits.values() for s in info.shards], checksums)
 
 
+def worker_rows(shard_uris: list[str], rank: int, world: int, batch_size: int = 32):
+    """Every world-th row of the shards (in order), as pyarrow record batches of the `tokens` column, read
+    straight from storage and lazily: stop iterating and the rest is never read."""
+    import pyarrow.parquet as pq
+
+    seen = 0
+    for uri in shard_uris:
+        loc = resolve(uri)
+        with loc.fs.open_input_file(loc.path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["tokens"]):
+                mine = [i for i in range(batch.num_rows) if (seen + i) % world == rank]
+                seen += batch.num_rows
+                if mine:
+                    yield batch.take(mine)
+
+
 def cached_dataset_uri(source: str, tokenizer: str, bpe_vocab_size: int, val_fraction: float, chunk_tokens: int,
                        cache_dir: str) -> str:
     """Where a recipe's dataset is prepared on first use; the key covers every preparation input."""

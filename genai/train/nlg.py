@@ -15,7 +15,8 @@ from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
 from cluster.storage import resolve
 from genai.config import ConfigError, NLGRecipe, recipe_to_yaml
 from genai.data.batches import WindowStream, epoch_offset, windows_per_row
-from genai.data.text_dataset import DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards
+from genai.data.text_dataset import (DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards,
+                                     worker_rows)
 from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models.gpt import GPT, GPTConfig, generate
 from genai.sampling import EXPORT_DIR, EXPORT_INDEX
@@ -123,21 +124,9 @@ def _val_batches(shard_uris: list[str], seq_len: int, micro_batch: int, n: int, 
                  world: int) -> list:
     """The same fixed validation windows at every evaluation: this worker's share (every world-th row) of
     the validation split, read straight from storage and only as far as the first `n` micro-batches."""
-    import pyarrow.parquet as pq
-
-    def my_rows():
-        seen = 0
-        for uri in shard_uris:
-            loc = resolve(uri)
-            with loc.fs.open_input_file(loc.path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_FETCH, columns=["tokens"]):
-                    mine = [i for i in range(batch.num_rows) if (seen + i) % world == rank]
-                    seen += batch.num_rows
-                    if mine:
-                        yield batch.take(mine)
-
+    rows = worker_rows(shard_uris, rank, world, ROWS_PER_FETCH)
     out = []
-    for mb in WindowStream(my_rows(), seq_len, micro_batch, seed, 0, rank, shuffle_buffer=1, offset=0):
+    for mb in WindowStream(rows, seq_len, micro_batch, seed, 0, rank, shuffle_buffer=1, offset=0):
         out.append(mb)
         if len(out) == n:
             break
