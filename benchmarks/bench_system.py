@@ -10,7 +10,9 @@ DeepSpeed op cache, and 1 -> 2 worker scaling. Medians of repeated runs, each be
   process torch.save / torch.load of the same model and AdamW state to the same folder.
 - Time to first step, cold vs warm op cache: the tiny recipe with TORCH_EXTENSIONS_DIR pointing at an empty
   folder (DeepSpeed compiles its CPU communication op in the first run) and then at the filled one. Baseline:
-  a plain PyTorch process building the same model and taking one step.
+  a plain PyTorch process building the same model and taking one step. Then where a warm start's time goes
+  (Ray start, Train controller, worker group, deepspeed.initialize, first Ray Data batch), from the times its
+  --verbose lines reach the console.
 - Scaling: shakespeare-char, 300 steps, 1 worker and 2 workers (same per-worker batch, ZeRO-2, one thread each):
   tokens/s and its efficiency tokens/s(2) / (2 x tokens/s(1)). On a 2-core machine, 2 workers use every core.
 
@@ -122,15 +124,45 @@ def first_step_seconds(ds: str, storage: Path, name: str, env: dict) -> float:
     return first.wall_time - t0
 
 
+# Where the time to first step goes: the first console line (with --verbose) of each stage's end, in order.
+PHASES = [("imports, plan and Ray start (ray.init)", "started an embedded local Ray"),  # printed after ray.init
+          ("Train controller up", "Attempting to start training worker group"),
+          ("worker group started", "Started training worker group"),
+          ("deepspeed.initialize and model", "model: "),
+          ("first Ray Data batch and step", "step 1/")]
+
+
+def startup_phases(ds: str, storage: Path, name: str, env: dict) -> dict:
+    """Seconds of each PHASES stage of a warm tiny run, timed from the lines as they reach the console."""
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_nlg.py"), "--recipe", "tiny", "--data", ds, "--storage",
+           str(storage), "--name", name, "--verbose", "--set", "train.max_steps=2", "--set", "train.log_interval=1",
+           "--set", "train.sample_interval=0", "--set", "train.eval_interval=1000",
+           "--set", "train.checkpoint_interval=1000"]
+    t0 = time.time()
+    seen: dict[str, float] = {}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, **env})
+    for line in proc.stdout:
+        for phase, marker in PHASES:
+            if phase not in seen and marker in line:
+                seen[phase] = time.time() - t0
+    if proc.wait() != 0 or len(seen) != len(PHASES):
+        raise RuntimeError(f"{name}: exit {proc.returncode}, stages seen {sorted(seen)}")
+    ends = [seen[phase] for phase, _ in PHASES]
+    return {phase: end - start for (phase, _), start, end in zip(PHASES, [0.0] + ends, ends)} | {"total": ends[-1]}
+
+
 def startup(ds: str, storage: Path, vocab: int, repeats: int) -> dict:
-    cold, warm = [], []
+    cold, warm, phases = [], [], []
     for i in range(repeats):
         cache = tempfile.mkdtemp(prefix="torch-ext-")
         cold.append(first_step_seconds(ds, storage, f"cold-{i}", {"TORCH_EXTENSIONS_DIR": cache}))
         warm.append(first_step_seconds(ds, storage, f"warm-{i}", {"TORCH_EXTENSIONS_DIR": cache}))
+        phases.append(startup_phases(ds, storage, f"phases-{i}", {"TORCH_EXTENSIONS_DIR": cache}))
     plain = [plain_first_step(vocab) for _ in range(repeats)]
     return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm), "plain_s": statistics.median(plain),
-            "cold_all": cold, "warm_all": warm}
+            "cold_all": cold, "warm_all": warm,
+            "phases": {k: statistics.median(p[k] for p in phases) for k in phases[0]}, "phases_all": phases}
 
 
 def scaling(ds: str, storage: Path, repeats: int) -> dict:
@@ -178,6 +210,9 @@ def main() -> None:
         print(f"\n| time to first step | ours | plain PyTorch process |\n|---|---|---|\n"
               f"| cold DeepSpeed op cache | {s['cold_s']:.1f} s | {s['plain_s']:.1f} s |\n"
               f"| warm DeepSpeed op cache | {s['warm_s']:.1f} s | {s['plain_s']:.1f} s |")
+        print("\n| where a warm start's time goes (tiny, --verbose lines) | seconds |\n|---|---|")
+        for phase, seconds in s["phases"].items():
+            print(f"| {phase} | {seconds:.1f} |")
     if not args.skip_scaling:
         s = result["scaling"] = scaling(ds, storage, args.repeats)
         save()

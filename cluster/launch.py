@@ -44,6 +44,52 @@ def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float):
     return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
+class ResourceError(ValueError):
+    """The cluster cannot hold the run's workers (and none appeared within the wait)."""
+
+
+def worker_slots(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many workers of (cpus_per_worker CPUs, 1 GPU if use_gpu) the alive nodes can hold at once."""
+    slots = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        res = node.get("Resources", {})
+        fit_cpu = int(res.get("CPU", 0) / cpus_per_worker + 1e-9)
+        slots += min(fit_cpu, int(res.get("GPU", 0))) if use_gpu else fit_cpu
+    return slots
+
+
+def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wait_s: float, log=print,
+                       nodes: Callable[[], list[dict]] | None = None) -> None:
+    """Before fit(): Ray Train would retry a worker group the cluster cannot hold forever (every 60 s, with
+    tracebacks). Fail at once when nothing can change (wait_s 0, e.g. the embedded local Ray); on a cluster,
+    say once what is awaited (an autoscaler may add nodes) and give up after wait_s seconds.
+    `nodes()` lists the cluster's nodes as ray.nodes() does (the default)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes
+    need = f"{num_workers} worker(s) of {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''}"
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        alive = [n for n in nodes() if n.get("Alive", True)]
+        slots = worker_slots(alive, cpus_per_worker, use_gpu)
+        if slots >= num_workers:
+            return
+        gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in alive)
+        have = f"its nodes hold {slots} ({gpus:g} GPU(s) in all)"
+        if time.monotonic() >= deadline:
+            waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
+            raise ResourceError(
+                f"the Ray cluster cannot hold {need}: {have}{waited}; lower cluster.num_workers or "
+                f"cluster.cpus_per_worker{', or set cluster.use_gpu=false' if use_gpu else ''}")
+        if not said:
+            log(f"waiting up to {wait_s:.0f}s (cluster.resource_wait_s) for room for {need}: {have}", flush=True)
+            said = True
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
 def fit(train_fn: Callable[[dict], None], loop_config: dict, *, datasets: dict, num_workers: int, use_gpu: bool,
         cpus_per_worker: float, storage: str, name: str, max_failures: int, keep_checkpoints: int | None,
         callbacks: list | None = None):
@@ -75,9 +121,10 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, *, datasets: dict, 
     return trainer.fit()
 
 
-def call_in_thread(fn: Callable[[], Any], wait: Callable[[], None] = lambda: time.sleep(0.2)) -> Any:
+def call_in_thread(fn: Callable[[], Any], wait: Callable[[], None] | None = None) -> Any:
     """Run fn() in a thread and return its result (or raise its error) here, calling wait() in this
-    thread until fn is done."""
+    thread until fn is done (by default, sleeping 0.2 s)."""
+    wait = wait or (lambda: time.sleep(0.2))
     box: dict = {}
 
     def target():

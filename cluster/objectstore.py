@@ -1,8 +1,9 @@
 """A local S3-compatible object store for development and tests: SeaweedFS (`weed mini`) on loopback.
 
     python -m cluster.objectstore --dir ~/genai-s3 --bucket datasets,runs
-prints the environment to export (AWS_ENDPOINT_URL and a key pair) and serves until Ctrl-C.
-The key pair it is started with is the only identity the server accepts.
+prints the environment to export (AWS_ENDPOINT_URL and a key pair) and serves until Ctrl-C (or SIGTERM, SIGHUP).
+The key pair it is started with is the only identity the server accepts. The server never outlives the
+process that started it (this CLI or an ObjectStore user), even one killed with SIGKILL: see cluster/processes.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.processes import die_with_parent, stop_on_signals
 
 WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
               "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "metricsPort")
@@ -59,6 +62,8 @@ class ObjectStore:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
 
     def start(self, timeout: float = 60) -> "ObjectStore":
+        """Start the server and wait until S3 serves every bucket. It gets SIGTERM if this process dies
+        (when started from the main thread, see die_with_parent)."""
         os.makedirs(self.data_dir, exist_ok=True)
         if not self.ports:
             self.ports = {name: free_port() for name in WEED_PORTS}
@@ -66,8 +71,10 @@ class ObjectStore:
                 "-admin.ui=false", "-webdav=false", f"-bucket={','.join(self.buckets)}"]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
-        log = open(os.path.join(self.data_dir, "weed.log"), "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(os.path.join(self.data_dir, "weed.log"), "ab") as log:  # the child keeps its own copy
+            # Own session: a terminal's Ctrl-C or hangup reaches only this process, which then stops weed in order.
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, preexec_fn=die_with_parent())
         self._wait_ready(timeout)
         return self
 
@@ -115,16 +122,14 @@ def main() -> None:
     store.ports["s3.port"] = args.port
     store.access_key = os.environ.get("AWS_ACCESS_KEY_ID", store.access_key)
     store.secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY", store.secret_key)
-    store.start()
-    print("# SeaweedFS S3 is up. In another shell:")
-    for k, v in store.env().items():
-        print(f"export {k}={v}")
-    print(f"# buckets: {', '.join('s3://' + b for b in store.buckets)}; data in {store.data_dir}; Ctrl-C stops it",
-          flush=True)
-    try:
+    with stop_on_signals(store.stop):  # before start(): a signal while it waits for S3 stops the server too
+        store.start()
+        print("# SeaweedFS S3 is up. In another shell:")
+        for k, v in store.env().items():
+            print(f"export {k}={v}")
+        print(f"# buckets: {', '.join('s3://' + b for b in store.buckets)}; data in {store.data_dir}; "
+              "Ctrl-C stops it", flush=True)
         store.proc.wait()
-    except KeyboardInterrupt:
-        store.stop()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ otherwise an embedded local Ray started for this process."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from cluster.processes import prune_ray_sessions
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,6 +21,9 @@ DRIVER_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else each worker print() reaches the driver twice
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # An embedded Ray on a small machine caps concurrent worker-process starts at its core count and warns at
+    # 4x that, which one run (controller, workers, Ray Data's tasks and actors) reaches on 2 cores.
+    "RAY_worker_maximum_startup_concurrency": str(max(8, os.cpu_count() or 1)),
 }
 
 
@@ -42,10 +48,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def connect(cpus_needed: float = 1.0, log=print) -> str:
+def connect(cpus_needed: float = 1.0, log=print, quiet: bool = False) -> str:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray with enough logical CPUs.
 
-    Returns "cluster" or "local".
+    `quiet`: Ray's own output (worker processes' lines, Ray's INFO logs) stays in Ray's session logs instead of
+    reaching this console; warnings and errors still show. Returns "cluster" or "local".
     """
     import ray
 
@@ -53,17 +60,25 @@ def connect(cpus_needed: float = 1.0, log=print) -> str:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return "existing"
+    quiet_options = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else logging.INFO}
+    if quiet:
+        for name in ("ray.train", "ray.data", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Said on every ray.init of a local Ray; the embedded one keeps token auth on, nothing to act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet_options)
         log(f"connected to the Ray cluster at {address}")
         return "cluster"
     # Logical CPUs: the workers' reservation plus one whole free CPU (and change) so that Ray Data's
     # 1-CPU read tasks can always be scheduled beside the training workers.
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed + 0.1) + 1)
     temp_dir = os.environ.get("GENAI_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "genai-ray"))
+    prune_ray_sessions(temp_dir)  # Ray keeps every run's session_* folder (its logs) forever
     os.environ.update(worker_env())
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir,
-             runtime_env={"env_vars": worker_env()}, log_to_driver=True)
-    log(f"started an embedded local Ray ({num_cpus} logical CPUs); set RAY_ADDRESS to use a cluster")
+             runtime_env={"env_vars": worker_env()}, **quiet_options)
+    logs = os.path.join(temp_dir, "session_latest", "logs")
+    log(f"started an embedded local Ray ({num_cpus} logical CPUs; its logs: {logs}); set RAY_ADDRESS to use a cluster")
     return "local"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -61,6 +62,10 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def join(self, *parts: str) -> "Location":
+        """The location of a relative path inside this one; a part that would leave it is refused."""
+        for part in parts:
+            if part.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", part):
+                raise StorageError(f"{self.uri}: {part!r} is not a path inside it")
         path = posixpath.join(self.path, *parts)
         uri = posixpath.join(self.uri, *parts) if is_remote(self.uri) else path
         return Location(uri, self.fs, path)
@@ -149,26 +154,43 @@ def explain(uri: str, exc: OSError) -> StorageError:
     return StorageError(f"{uri}: {first}")
 
 
-def check_access(uri: str, must_exist: bool = False) -> Location:
+def check_access(uri: str, must_exist: bool = False, expect: str | None = None) -> Location:
     """Fail fast, before any cluster time: the bucket exists and the credentials work.
 
-    For S3 this lists the bucket (a real request to the server); locally it checks the parent folder.
+    For S3 this lists the bucket (a real request to the server); locally, for a location to be written
+    (`must_exist=False`), it checks that its nearest existing folder can be written. `expect` ('folder' or
+    'file') refuses a location that exists as the other kind.
     """
     loc = resolve(uri, patient=False)
     try:
-        if loc.local:
-            if must_exist and not loc.exists():
-                raise StorageError(f"{uri} does not exist")
-            return loc
-        bucket = loc.path.split("/", 1)[0]
-        if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise StorageError(f"{uri}: the bucket {bucket!r} does not exist")
-        loc.fs.get_file_info(pafs.FileSelector(bucket, recursive=False, allow_not_found=True))
-        if must_exist and not loc.exists():
-            raise StorageError(f"{uri} does not exist")
+        if not loc.local:
+            bucket = loc.path.split("/", 1)[0]
+            if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"{uri}: the bucket {bucket!r} does not exist")
+            loc.fs.get_file_info(pafs.FileSelector(bucket, recursive=False, allow_not_found=True))
+        kind = loc.fs.get_file_info(loc.path).type
     except OSError as exc:
         raise explain(uri, exc) from None
+    if must_exist and kind == pafs.FileType.NotFound:
+        raise StorageError(f"{uri} does not exist")
+    if expect == "folder" and kind == pafs.FileType.File:
+        raise StorageError(f"{uri} is a file, not a folder")
+    if expect == "file" and kind == pafs.FileType.Directory:
+        raise StorageError(f"{uri} is a folder, not a file")
+    if loc.local and not must_exist:
+        _check_writable(uri, loc.path)
     return loc
+
+
+def _check_writable(uri: str, path: str) -> None:
+    """The nearest existing folder at or above a local path to be written is a folder we may write in."""
+    parent = path if os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise StorageError(f"{uri}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StorageError(f"{uri}: cannot write in {parent} (permission denied)")
 
 
 def resolve(uri: str, patient: bool = True) -> Location:
@@ -187,7 +209,10 @@ def resolve(uri: str, patient: bool = True) -> Location:
     if parsed.scheme in ("s3", "s3a"):
         if not parsed.netloc:
             raise StorageError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
-        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        key = parsed.path.strip("/")
+        if key and {"", ".", ".."} & set(key.split("/")):  # servers and proxies may collapse them, S3 keeps them
+            raise StorageError(f"{uri}: an S3 key cannot have empty, '.' or '..' parts")
+        path = f"{parsed.netloc}/{key}".rstrip("/")
         return Location(f"s3://{path}", _s3_filesystem(patient), path)
     raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r} (use a local path, file:// or s3://)")
 

@@ -44,16 +44,14 @@ def fit_reporting_to_tune(fit_fn: Callable[[list], Any], pointer: dict):
     from ray.util.queue import Queue
 
     queue = Queue(1, actor_options={"num_cpus": 0})  # Train waits for Tune, as with Ray's TuneReportCallback
+    last = {"step": None}
 
-    def forward(timeout: float | None) -> bool:
-        try:
-            metrics, checkpoint = queue.get(block=timeout is not None, timeout=timeout)
-        except Empty:
-            return False
+    def report(metrics: dict, checkpoint: str | None) -> None:
         metrics = {**{k: v for k, v in metrics.items() if v is not None}, **pointer}
+        last["step"] = metrics.get("step")
         if checkpoint is None:
             tune.report(metrics)
-            return True
+            return
         folder = tempfile.mkdtemp(prefix="genai-pointer-")
         try:
             with open(os.path.join(folder, POINTER_FILE), "w") as f:
@@ -61,13 +59,29 @@ def fit_reporting_to_tune(fit_fn: Callable[[list], Any], pointer: dict):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def forward(timeout: float | None) -> bool:
+        try:
+            metrics, checkpoint = queue.get(block=timeout is not None, timeout=timeout)
+        except Empty:
+            return False
+        report(metrics, checkpoint)
         return True
 
     try:
-        return call_in_thread(lambda: fit_fn([_forwarding_callback(queue)]), wait=lambda: forward(0.5))
+        result = call_in_thread(lambda: fit_fn([_forwarding_callback(queue)]), wait=lambda: forward(0.5))
     finally:
         while forward(None):  # the reports that arrived as the run ended (or failed)
             pass
+    # Tune's last result must be the run's last: should the final report not have come through the callback,
+    # report what Train itself kept (its last metrics and checkpoint).
+    final = result.metrics or {}
+    if final.get("step") is not None and final.get("step") != last["step"]:
+        print(f"the final report (step {final['step']}) had not reached Tune (last: step {last['step']}); "
+              "reporting it now", flush=True)
+        name = os.path.basename(result.checkpoint.path.rstrip("/")) if result.checkpoint else None
+        report(final, name if name == f"checkpoint_{final['step']:08d}" else None)
+    return result
 
 
 def read_pointer() -> dict | None:

@@ -8,17 +8,74 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.names import NAME_MAX, NAME_RULE, check_name
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 class ConfigError(ValueError):
     """A recipe, override or argument is invalid; the message names the field and the reason."""
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping gives the same key twice."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the SafeLoader reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(None, None, f"duplicate key {key!r}, first given on line {first + 1}",
+                                        key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """Parse a user's YAML document strictly; ConfigError names the origin, the line and the problem."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{origin}:{where} is not valid YAML ({problem})") from None
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """Read and strictly parse a user's YAML file (`what`: 'recipe', 'sweep') that must exist."""
+    if path.is_dir():
+        raise ConfigError(f"{what} file {path} is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a {what} is a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} file {path}: cannot read it ({exc.strerror or exc})") from None
+    return parse_yaml(text, str(path))
+
+
+# A name that becomes a folder or object key under storage (a run, a sweep).
+PathName = Annotated[str, AfterValidator(check_name)]
 
 
 class _Section(BaseModel):
@@ -131,9 +188,11 @@ class ClusterConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on GPU clusters).")
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed; leave some for Ray Data).")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; null keeps Ray's default.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; null: as many as cpus_per_worker (at least 1).")
+    resource_wait_s: float = Field(600, ge=0, description="On a Ray cluster (RAY_ADDRESS): how long to wait for room for the workers (an autoscaler adding nodes) before failing; the embedded local Ray fails at once.")
     storage: str = Field("~/genai-runs", description="Where runs (checkpoints, TensorBoard, exports) live: a folder or URI.")
-    run_name: str | None = Field(None, description="Run folder under storage; rerunning with the same name resumes. Null: <recipe>-<timestamp>.")
+    run_name: PathName | None = Field(None, description=(
+        f"Run folder under storage; rerunning with the same name resumes. Null: <recipe>-<timestamp>. {NAME_RULE}."))
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before giving up; -1 = unlimited.")
 
 
@@ -141,7 +200,7 @@ class NLGRecipe(_Section):
     """A GPT-style language-model training recipe."""
 
     kind: Literal["gpt"] = Field("gpt", description="Recipe kind: gpt.")
-    name: str = Field("custom", description="Recipe name (defaults the run name).")
+    name: PathName = Field("custom", description=f"Recipe name (defaults the run name); {NAME_RULE}.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -256,7 +315,7 @@ class GANRecipe(_Section):
     """A GAN training recipe (DCGAN, conditional, WGAN-GP)."""
 
     kind: Literal["gan"] = Field("gan", description="Recipe kind: gan.")
-    name: str = Field("custom-gan", description="Recipe name (defaults the run name).")
+    name: PathName = Field("custom-gan", description=f"Recipe name (defaults the run name); {NAME_RULE}.")
     model: GANModelConfig = Field(default_factory=GANModelConfig)
     data: ImageDataConfig = Field(default_factory=ImageDataConfig)
     train: GANTrainConfig = Field(default_factory=GANTrainConfig)
@@ -297,7 +356,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {text!r}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -320,13 +381,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def available_recipes(kind: str | None = None) -> list[str]:
     """Names of the recipes shipped with the project (of one kind when given)."""
     paths = sorted(RECIPE_DIR.glob("*.yaml"))
-    return [p.stem for p in paths if kind is None or (yaml.safe_load(p.read_text()) or {}).get("kind", "gpt") == kind]
+    return [p.stem for p in paths if kind is None or (read_yaml_file(p, "recipe") or {}).get("kind", "gpt") == kind]
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A shipped recipe name (`tiny`) or a path to a YAML file."""
     path = Path(os.path.expanduser(name_or_path))
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"recipe file {name_or_path} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"recipe file {name_or_path} does not exist")
         return path
@@ -351,15 +414,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, kind: str
     """Load, override and validate a recipe (its class from its `kind`). Raises ConfigError with the field
     path and reason; with `kind`, a recipe of another kind is refused."""
     path = resolve_recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = read_yaml_file(path, "recipe") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
+    # The file's stem, made a valid name ('my recipe' -> 'my-recipe'); a name written in the file must be valid.
+    data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-")[:NAME_MAX] or "recipe")
     apply_overrides(data, overrides or [])
     recipe = validate_recipe(data, origin=str(path))
     if kind and recipe.kind != kind:
@@ -443,7 +502,8 @@ PBT_MUTABLE = {
 class SweepConfig(_Section):
     """A hyperparameter sweep over a recipe: each trial is a distributed training run."""
 
-    name: str = Field("sweep", description="Sweep name: its folder under storage; rerun with --resume to continue.")
+    name: PathName = Field("sweep", description=(
+        f"Sweep name: its folder under storage; rerun with --resume to continue. {NAME_RULE}."))
     base_recipe: str = Field("tiny", description="Shipped recipe name or YAML path every trial starts from.")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to the base recipe.")
     parameters: dict[str, ParamSpec] = Field(description="Searched fields, by recipe path (e.g. train.lr).")
@@ -472,12 +532,9 @@ class SweepConfig(_Section):
 def load_sweep(path: str, extra_overrides: list[str] | None = None) -> tuple[SweepConfig, NLGRecipe]:
     """Load a sweep file and check that every searched value gives a valid recipe, before Ray starts."""
     p = Path(os.path.expanduser(path))
-    if not p.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = read_yaml_file(p, "sweep") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a sweep is a mapping of fields, got {type(data).__name__}")
     sweep = validate_recipe(data, origin=str(p), cls=SweepConfig)
     base = load_recipe(sweep.base_recipe, sweep.overrides + list(extra_overrides or []))
     raw = base.model_dump(mode="json")

@@ -73,6 +73,8 @@ def find_model_source(uri: str) -> tuple[str, Location]:
         return "checkpoint", loc.join(checkpoints[-1])
     if not loc.exists():
         raise CheckpointError(f"{uri} does not exist")
+    if not loc.is_dir():
+        raise CheckpointError(f"{uri} is a file, not a run, export or checkpoint folder")
     raise CheckpointError(f"{uri}: no export/ and no checkpoint_* folder with a {TRAINER_STATE} (not a run folder?)")
 
 

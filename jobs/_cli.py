@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python jobs/x.py` and `ray job submit --working-dir .` both work
     sys.path.insert(0, str(ROOT))
 
+from cluster.launch import ResourceError  # noqa: E402
 from cluster.storage import StorageError  # noqa: E402
 from genai.config import ConfigError  # noqa: E402
 from genai.data.sources import SourceError  # noqa: E402
@@ -18,7 +19,7 @@ from genai.eval.digits import ClassifierError  # noqa: E402
 from genai.sampling import CheckpointError  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-BAD_INPUT = (ConfigError, DatasetError, SourceError, StorageError, CheckpointError, ClassifierError)
+BAD_INPUT = (ConfigError, DatasetError, SourceError, StorageError, CheckpointError, ClassifierError, ResourceError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

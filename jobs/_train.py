@@ -8,10 +8,12 @@ from typing import Callable
 import _cli
 import yaml
 
-from cluster.launch import call_in_thread, error_cause, fit, parquet_datasets, run_location, run_name_default
+from cluster.launch import (call_in_thread, error_cause, fit, parquet_datasets, run_location, run_name_default,
+                            wait_for_resources)
+from cluster.progress import ProgressChannel, ProgressDisplay
 from cluster.ray_env import connect
 from cluster.storage import StorageError
-from genai.config import ConfigError, available_recipes, load_recipe, recipe_to_yaml
+from genai.config import ConfigError, available_recipes, json_value, load_recipe, recipe_to_yaml
 from genai.data.shards import DatasetError
 from genai.sampling import incomplete_checkpoints, registered_checkpoints
 from genai.train.interrupt import clear_stop, request_stop
@@ -35,6 +37,9 @@ def parse_args(doc: str, kind: str, default_recipe: str, argv: list[str] | None 
     p.add_argument("--name", help="run name; an existing run of that name resumes (overrides cluster.run_name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.max_steps=500 (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (every worker's lines, Ray Train and Ray Data logs) instead of the "
+                        "progress bar; without it they go to Ray's session logs")
     return p.parse_args(argv)
 
 
@@ -42,8 +47,8 @@ def recipe_from_args(args, kind: str):
     """The recipe named on the command line with --data/--storage/--name and every --set applied, validated."""
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.uri"), (args.storage, "cluster.storage"), (args.name, "cluster.run_name")):
-        if flag:
-            overrides.append(f"{key}={flag}")
+        if flag is not None:  # a string as given (`--name 42` is a name, `--name ''` an empty one), not YAML
+            overrides.append(f"{key}={json_value(flag)}")
     return load_recipe(args.recipe, overrides, kind=kind)
 
 
@@ -65,8 +70,9 @@ def check_run_matches(run, recipe) -> None:
 
 
 def train(recipe, plan, train_fn: Callable[[dict], None],
-          summary: Callable[[object, dict], tuple[str, list[str]]]) -> int:
-    """Write the run's recipe, connect to Ray, run the workers and print the outcome. Returns the exit code.
+          summary: Callable[[object, dict], tuple[str, list[str]]], verbose: bool = False) -> int:
+    """Connect to Ray, check it can hold the workers, write the run's recipe, run the workers and print the
+    outcome. Returns the exit code.
 
     `summary(run, final_metrics)` gives the result headline (", val loss 1.23") and lines of what to do next."""
     c = recipe.cluster
@@ -74,6 +80,11 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
     run = run_location(c.storage, name)
     try:
         check_run_matches(run, recipe)
+    except OSError as exc:
+        raise StorageError(f"{run.uri}: cannot read the run folder ({exc})") from None
+    where = connect(cpus_needed=c.num_workers * c.cpus_per_worker, quiet=not verbose)
+    wait_for_resources(c.num_workers, c.cpus_per_worker, c.use_gpu, c.resource_wait_s if where == "cluster" else 0)
+    try:
         run.join(RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     except OSError as exc:
         raise StorageError(f"{run.uri}: cannot write the run folder ({exc})") from None
@@ -83,7 +94,8 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         run.join(folder).delete()
         print(f"removed {folder}: an earlier attempt did not finish writing it", flush=True)
     clear_stop(run.uri)  # a stop request left by an earlier, interrupted attempt
-    connect(cpus_needed=c.num_workers * c.cpus_per_worker)
+    console = None if verbose else ProgressChannel()
+    display = ProgressDisplay()
     stopping = []
 
     def on_signal(signum, frame):
@@ -99,14 +111,19 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         # In a thread: signals reach the main thread only, and Ray Train replaces the SIGINT handler (with an
         # immediate abort) only when fit() runs in the main thread.
         result = call_in_thread(lambda: fit(
-            train_fn, plan.loop_config(run.uri), datasets=parquet_datasets(plan.dataset_uris()),
+            train_fn, dict(plan.loop_config(run.uri), console=console), datasets=parquet_datasets(plan.dataset_uris()),
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
-            name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints))
+            name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints),
+            wait=(lambda: display.show(console.receive(0.2))) if console else None)
     except Exception as exc:  # Ray raises TrainingFailedError carrying the workers' errors
         return _failed(exc, run, name, plan)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if console:
+            display.show(console.receive(0))
+            console.shutdown()
+        display.close()
     if result.error:
         return _failed(result.error, run, name, plan)
     metrics = result.metrics or {}

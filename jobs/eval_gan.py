@@ -15,7 +15,8 @@ import json
 import _cli
 import torch
 
-from genai.config import GANRecipe, validate_recipe
+from cluster.storage import check_access
+from genai.config import GANRecipe, parse_yaml, validate_recipe
 from genai.sampling import find_model_source, load_generator
 from genai.train.gan import QualityEval, plan_gan_run
 
@@ -31,12 +32,14 @@ def main() -> int:
     args = p.parse_args()
     if args.num < 10:
         p.error("--num must be at least 10")
+    for uri in (args.classifier, args.data):  # before the generator loads and the data is planned
+        if uri:
+            check_access(uri, must_exist=True, expect="folder")
     generator = load_generator(args.checkpoint)
     kind, loc = find_model_source(args.checkpoint)
     recipe_file = loc.join("recipe.yaml" if kind == "export" else "meta/recipe.yaml")
-    import yaml
-
-    recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), origin=recipe_file.uri, cls=GANRecipe)
+    raw = parse_yaml(recipe_file.read_text(), recipe_file.uri)
+    recipe = validate_recipe(raw, origin=recipe_file.uri, cls=GANRecipe)
     if args.data:
         recipe.data.uri = args.data
     data_uri = plan_gan_run(recipe, log=lambda *_: None).data_uri

@@ -69,7 +69,7 @@ def main() -> int:
     args = parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.out:
-        check_access(args.out)
+        check_access(args.out, expect="file")
     if model_kind(args.checkpoint) == "gan":
         generate_images(args, device)
     else:

@@ -29,10 +29,10 @@ def main() -> int:
     args = p.parse_args()
     if args.epochs < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--epochs, --batch-size and --limit must be positive")
-    out = check_access(args.out)
+    out = check_access(args.out, expect="folder")
     if out.local and not os.path.isdir(os.path.dirname(out.path)):
         p.error(f"--out {args.out}: the folder {os.path.dirname(out.path)} does not exist")
-    check_access(args.data, must_exist=True)
+    check_access(args.data, must_exist=True, expect="folder")
     from genai.data.image_dataset import load_image_arrays
 
     train_x, train_y = load_image_arrays(args.data, "train", limit=args.limit)

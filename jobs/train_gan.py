@@ -26,10 +26,11 @@ def summary(run, metrics: dict) -> tuple[str, list[str]]:
 
 
 def main() -> int:
-    recipe = _train.recipe_from_args(_train.parse_args(__doc__, "gan", "dcgan-mnist"), "gan")
-    check_access(recipe.cluster.storage)  # bucket and credentials, before any work
+    args = _train.parse_args(__doc__, "gan", "dcgan-mnist")
+    recipe = _train.recipe_from_args(args, "gan")
+    check_access(recipe.cluster.storage, expect="folder")  # bucket and credentials, before any work
     plan = plan_gan_run(recipe)
-    return _train.train(recipe, plan, train_loop_per_worker, summary)
+    return _train.train(recipe, plan, train_loop_per_worker, summary, verbose=args.verbose)
 
 
 if __name__ == "__main__":

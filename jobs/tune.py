@@ -16,7 +16,7 @@ import math
 import _cli
 import yaml
 
-from cluster.launch import error_cause, fit, parquet_datasets, run_location
+from cluster.launch import error_cause, fit, parquet_datasets, run_location, wait_for_resources
 from cluster.ray_env import connect
 from cluster.storage import check_access, resolve
 from cluster.tune import fit_reporting_to_tune, read_pointer, run_sweep
@@ -78,7 +78,7 @@ def main() -> int:
     args = p.parse_args()
     sweep, base_recipe = load_sweep(args.sweep, args.overrides)
     storage = args.storage or sweep.storage or base_recipe.cluster.storage
-    check_access(storage)
+    check_access(storage, expect="folder")
     root = resolve(storage).join(sweep.name)
     trials_storage = root.join("trials").uri
     base = base_recipe.model_dump(mode="json")
@@ -87,7 +87,8 @@ def main() -> int:
     from ray import tune
 
     c = base_recipe.cluster
-    connect(cpus_needed=sweep.max_concurrent_trials * c.num_workers * c.cpus_per_worker)
+    where = connect(cpus_needed=sweep.max_concurrent_trials * c.num_workers * c.cpus_per_worker)
+    wait_for_resources(c.num_workers, c.cpus_per_worker, c.use_gpu, c.resource_wait_s if where == "cluster" else 0)
     pbt = sweep.scheduler.type == "pbt"
     trial_fn = tune.with_parameters(run_trial, base=base, trials_storage=trials_storage, keep_all_checkpoints=pbt)
     results = run_sweep(trial_fn, sweep.parameters, name=sweep.name, storage=storage, metric=sweep.metric,

@@ -16,8 +16,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from conftest import SHARED  # noqa: E402 - ../shared beside the repository, not part of it
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside the repository, not part of it
 CRD_DIR = SHARED / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}

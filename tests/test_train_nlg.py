@@ -46,6 +46,13 @@ def tensorboard(run_dir: Path):
 def test_one_worker_trains_logs_exports_and_generates(char_dataset, tmp_path):
     r = train(char_dataset, tmp_path, "one", "train.max_steps=60")
     assert "step 60/60" in r.stdout and "exported the model" in r.stdout
+    # The console: progress, evaluations, checkpoints and the summary; Ray's own output stays in its logs.
+    assert re.search(r"^step 30/60 \| loss [0-9.]+ \| lr \S+ \| tok/s [0-9,]+ \| eta \d+m\d\ds$", r.stdout, re.M)
+    assert re.search(r"^step 60: val loss [0-9.]+ \(perplexity", r.stdout, re.M)
+    assert "checkpoint_00000060 saved" in r.stdout and "done: run one at step 60" in r.stdout
+    for chatter in ("RayTrainWorker", "TrainingReport(", "core_worker", "worker processes have been started",
+                    "(raylet)", "Execution plan", "Token authentication"):
+        assert chatter not in r.stdout + r.stderr, chatter
     scalars, tensors = tensorboard(tmp_path / "one")
     losses = [v for _, v in scalars["train/loss"]]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -93,8 +100,11 @@ def test_optimizer_offload_to_cpu_trains(char_dataset, tmp_path):
 def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(char_dataset, tmp_path):
     fixed = ("train.lr_decay_steps=40", "train.checkpoint_interval=10")
     train(char_dataset, tmp_path, "again", "train.max_steps=20", *fixed)
-    r = train(char_dataset, tmp_path, "again", "train.max_steps=40", *fixed)
+    r = run_job("train_nlg.py", *train_args(char_dataset, tmp_path, "again", "train.max_steps=40", *fixed),
+                "--verbose")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert re.search(r"resumed from \S+checkpoint_00000020 at step 20", r.stdout), r.stdout[-3000:]
+    assert "(RayTrainWorker pid=" in r.stdout  # --verbose: the workers' own output, as Ray streams it
     assert "step 40/40" in r.stdout and "step  5/40" not in r.stdout
     scalars, _ = tensorboard(tmp_path / "again")
     steps = [s for s, _ in scalars["train/loss"]]
@@ -186,4 +196,9 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(char_dataset, tmp_path):
         assert r.returncode == 2, (extra, r.stdout, r.stderr)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert time.time() - t0 < 30  # refused before Ray starts
+    # A GPU run on a Ray without GPUs: refused at once, not retried by Ray Train every 60 s.
+    r = run_job("train_nlg.py", "--recipe", "tiny", "--data", char_dataset, "--storage", str(tmp_path),
+                "--set", "cluster.use_gpu=true")
+    assert r.returncode == 2 and "cannot hold 1 worker(s) of 0.5 CPU + 1 GPU" in r.stderr, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cluster.storage import Location, StorageError, resolve
+from cluster.storage import Location, StorageError, check_access, resolve
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -60,12 +60,17 @@ def read_manifest(uri: str, kind: str) -> dict:
     """Read a dataset's manifest and check its kind and format version. Raises DatasetError naming the URI."""
     try:
         loc = resolve(uri)
+    except StorageError as exc:
+        raise DatasetError(f"{uri}: {exc}") from None
+    try:
         raw_text = loc.join(MANIFEST_FILE).read_text()
     except StorageError as exc:
         if "does not exist" in str(exc):
             raise DatasetError(
                 f"{uri}: no {MANIFEST_FILE} (not a prepared dataset, or its preparation did not finish; "
                 "run jobs/prepare_data.py)") from None
+        if loc.exists() and not loc.is_dir():
+            raise DatasetError(f"{uri} is a file, not a dataset folder (jobs/prepare_data.py writes one)") from None
         raise DatasetError(f"{uri}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{uri}: cannot read the dataset ({exc})") from None
@@ -83,8 +88,11 @@ def read_manifest(uri: str, kind: str) -> dict:
 
 
 def output_location(out_uri: str, overwrite: bool) -> Location:
-    """Where a preparation writes; refuses to replace a whole dataset there unless `overwrite`."""
+    """Where a preparation writes; refuses to replace a whole dataset there unless `overwrite`, and a file or
+    an unwritable folder before any work."""
     out = resolve(out_uri)
+    if out.local:  # S3 was checked by the job, with a request; this pass costs nothing
+        check_access(out_uri, expect="folder")
     if out.join(MANIFEST_FILE).exists() and not overwrite:
         raise DatasetError(f"{out.uri} already holds a prepared dataset (pass --overwrite to replace it)")
     return out

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from genai.train.tracking import say
+
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -61,7 +63,10 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        say(f"checkpoint_{step:08d} saved ({seconds:.1f}s)")
+    return seconds
 
 
 def start_checkpoint(cfg: dict):
@@ -102,6 +107,6 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int,
             load_extra(d)
     seconds = time.perf_counter() - t0
     if rank == 0:
-        print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, step "
-              f"{state['epoch_step']} of it) in {seconds:.1f}s", flush=True)
+        say(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, step "
+              f"{state['epoch_step']} of it) in {seconds:.1f}s")
     return state, seconds

@@ -28,7 +28,7 @@ from genai.sampling import EMA_FILE, EXPORT_DIR, EXPORT_INDEX, image_grid, png_b
 from genai.train.checkpoint import restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
 from genai.train.steps import gan_step, run_epochs
-from genai.train.tracking import RunLogger
+from genai.train.tracking import RunLogger, say
 from genai.train.worker import init_worker
 
 ROWS_PER_FETCH = 1024
@@ -170,7 +170,7 @@ def check_replicas(modules: dict[str, torch.nn.Module], device, world: int, rank
         if any(not torch.allclose(e, every[0], rtol=1e-9, atol=0) for e in every):
             raise GANTrainingError(f"{name} weights differ across ranks: {[e.tolist() for e in every]}")
         if rank == 0:
-            print(f"{name} weights identical on all {world} rank(s) (digest {every[0][0].item():.6f})", flush=True)
+            say(f"{name} weights identical on all {world} rank(s) (digest {every[0][0].item():.6f})")
 
 
 def export_generator(ema: EMA, model_config: GANConfig, run_uri: str, recipe_yaml: str, step: int) -> None:
@@ -194,7 +194,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     recipe = GANRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
-    rank, world, device = init_worker(c.torch_threads)
+    rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     mcfg = GANConfig(**cfg["model_config"])
@@ -235,10 +235,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         logger.scalars(resumed_step, {"perf/restore_s": restore_s})
     if rank == 0 and resumed_step == 0:
         n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-        print(f"models: generator {n_g / 1e6:.2f}M, discriminator {n_d / 1e6:.2f}M parameters; {mcfg.loss} loss"
+        say(f"models: generator {n_g / 1e6:.2f}M, discriminator {n_d / 1e6:.2f}M parameters; {mcfg.loss} loss"
               f"{', class-conditional' if mcfg.num_classes else ''}; {world} worker(s), ZeRO-"
               f"{recipe.deepspeed.generator.zero_stage}/{recipe.deepspeed.discriminator.zero_stage}, "
-              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}", flush=True)
+              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}")
     recipe_yaml = recipe_to_yaml(recipe)
     run = resolve(cfg["run_uri"])
 
@@ -300,16 +300,16 @@ def train_loop_per_worker(cfg: dict) -> None:
             diversity = samples(step)
             logger.scalars(step, {"samples/diversity": diversity})
             if diversity < 0.02:
-                print(f"warning: step {step}: the fixed-noise samples are nearly identical (diversity {diversity:.4f})"
-                      " - mode collapse?", flush=True)
+                say(f"warning: step {step}: the fixed-noise samples are nearly identical (diversity {diversity:.4f})"
+                      " - mode collapse?")
         if step % t.eval_interval == 0 or step == t.max_steps:
             if evaluator is not None:
                 q = evaluator(ema.module, mcfg, t.seed)
                 last.update(q)
                 logger.scalars(step, {f"eval/{k}": v for k, v in q.items()})
-                print(f"step {step}: digit-feature Frechet distance {q['fd']:.2f} (held-out real digits "
+                say(f"step {step}: digit-feature Frechet distance {q['fd']:.2f} (held-out real digits "
                       f"{q['fd_real']:.2f})" + (f", label agreement {100 * q['label_agreement']:.1f}%"
-                                                if "label_agreement" in q else ""), flush=True)
+                                                if "label_agreement" in q else ""))
         if save or step % t.eval_interval == 0:
             metrics.update(step=step, epoch=state["epoch"], images=state["images"], **last)
             logger.flush()
@@ -354,11 +354,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     if stopped:
         logger.close()
         if rank == 0:
-            print(f"stopped on request after step {state['step']}; its checkpoint is saved", flush=True)
+            say(f"stopped on request after step {state['step']}; its checkpoint is saved")
         return
     if resumed_step >= t.max_steps:  # already complete: report its result again (Tune, the driver's summary)
         if rank == 0:
-            print(f"run already complete at step {resumed_step}; refreshing the export", flush=True)
+            say(f"run already complete at step {resumed_step}; refreshing the export")
         final = {"step": resumed_step, "epoch": state["epoch"], "images": state["images"]}
         if evaluator is not None:
             final.update(evaluator(ema.module, mcfg, t.seed))
@@ -366,5 +366,5 @@ def train_loop_per_worker(cfg: dict) -> None:
     check_replicas({"generator": g_engine.module, "discriminator": d_engine.module}, device, world, rank)
     if rank == 0:
         export_generator(ema, mcfg, cfg["run_uri"], recipe_yaml, state["step"])
-        print(f"exported the EMA generator to {run.join(EXPORT_DIR).uri}", flush=True)
+        say(f"exported the EMA generator to {run.join(EXPORT_DIR).uri}")
     logger.close()

@@ -24,7 +24,7 @@ from genai.train.checkpoint import restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
 from genai.train.steps import lm_step, run_epochs
-from genai.train.tracking import RunLogger
+from genai.train.tracking import RunLogger, say
 from genai.train.worker import init_worker
 
 ROWS_PER_FETCH = 32
@@ -166,7 +166,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     recipe = NLGRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
-    rank, world, device = init_worker(c.torch_threads)
+    rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model_config = GPTConfig(**cfg["model_config"])
@@ -200,9 +200,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         logger.scalars(resumed_step, {"perf/restore_s": restore_s})
     if rank == 0 and resumed_step == 0:
         n = model.num_params()
-        print(f"model: {n / 1e6:.2f}M parameters, {model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
+        say(f"model: {n / 1e6:.2f}M parameters, {model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
               f"{world} worker(s), ZeRO-{recipe.deepspeed.zero_stage}, "
-              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}", flush=True)
+              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}")
     recipe_yaml = recipe_to_yaml(recipe)
     tokenizer_bytes = resolve(cfg["data_uri"]).join(TOKENIZER_FILE).read_bytes()
 
@@ -284,7 +284,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             last["val_loss"] = val
             logger.scalars(step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
             if rank == 0:
-                print(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})", flush=True)
+                say(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})")
         if t.sample_interval and (step % t.sample_interval == 0 or step == t.max_steps):
             text = sample()
             if text is not None:
@@ -319,15 +319,15 @@ def train_loop_per_worker(cfg: dict) -> None:
     if stopped:
         logger.close()
         if rank == 0:
-            print(f"stopped on request after step {state['step']}; its checkpoint is saved", flush=True)
+            say(f"stopped on request after step {state['step']}; its checkpoint is saved")
         return
     if resumed_step >= t.max_steps:  # already complete: report its result again (Tune, the driver's summary)
         if rank == 0:
-            print(f"run already complete at step {resumed_step}; refreshing the export", flush=True)
+            say(f"run already complete at step {resumed_step}; refreshing the export")
         ray.train.report({"step": resumed_step, "epoch": state["epoch"], "tokens": state["tokens"],
                           "val_loss": evaluate()})
     export_model(engine, model_config, cfg["run_uri"], cfg["data_uri"], recipe_yaml,
                  recipe.deepspeed.zero_stage, rank)
     logger.close()
     if rank == 0:
-        print(f"exported the model to {resolve(cfg['run_uri']).join(EXPORT_DIR).uri}", flush=True)
+        say(f"exported the model to {resolve(cfg['run_uri']).join(EXPORT_DIR).uri}")

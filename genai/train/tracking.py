@@ -1,12 +1,28 @@
-"""Rank-0 TensorBoard logging into the run folder (uploaded when the run lives in object storage)."""
+"""Rank-0 TensorBoard logging into the run folder (uploaded when the run lives in object storage), and the
+lines and progress the user sees on the driver's console."""
 
 from __future__ import annotations
 
 import time
 
+from cluster.progress import progress_line
 from cluster.storage import local_scratch, resolve
 
 TENSORBOARD_DIR = "tensorboard"
+_console = None  # the driver's ProgressChannel, when it shows this run's progress
+
+
+def use_console(channel) -> None:
+    """Send say() lines and progress to the driver's console through `channel` (None: print them only)."""
+    global _console
+    _console = channel
+
+
+def say(text: str) -> None:
+    """A line for the user (an evaluation, a checkpoint, a resume): into this worker's log and to the console."""
+    print(text, flush=True)
+    if _console is not None:
+        _console.send("line", text)
 
 
 class RunLogger:
@@ -46,11 +62,10 @@ class RunLogger:
         if self.rank != 0:
             return
         done = step - self._step0
-        elapsed = time.time() - self._t0
-        eta = elapsed / done * (self.max_steps - step) if done > 0 else 0.0
-        fields = " | ".join(f"{k} {v}" for k, v in parts.items())
-        width = len(str(self.max_steps))
-        print(f"step {step:>{width}}/{self.max_steps} | {fields} | eta {_duration(eta)}", flush=True)
+        eta = (time.time() - self._t0) / done * (self.max_steps - step) if done > 0 else None
+        print(progress_line(step, self.max_steps, parts, eta), flush=True)
+        if _console is not None:
+            _console.send("progress", step, self.max_steps, parts)
 
     def flush(self) -> None:
         if self.writer:
@@ -62,13 +77,6 @@ class RunLogger:
         if self.writer:
             self.flush()
             self.writer.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def write_hparams(uri: str, hparams: dict, metrics: dict) -> None:

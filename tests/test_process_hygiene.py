@@ -1,0 +1,219 @@
+"""The servers the project starts never outlive the process that started them, however it ends; Ray's
+session folders do not pile up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster.objectstore import free_port
+from cluster.processes import die_with_parent, prune_ray_sessions, stop_on_signals
+from conftest import ROOT
+
+STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}")
+        time.sleep(0.1)
+
+
+def weeds_under(folder: Path) -> list[psutil.Process]:
+    """The `weed` servers whose data folder is in `folder`: only those this test started."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        args = proc.info["cmdline"] or []
+        if proc.info["name"] == "weed" and any(a.startswith(f"-dir={folder}{os.sep}") for a in args):
+            found.append(proc)
+    return found
+
+
+def kill_leftovers(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped by its new parent
+    except psutil.NoSuchProcess:
+        return True
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a server's closed connections may linger
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            return True
+        except OSError:
+            return False
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{path.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=[s.name for s in STOPS])
+def test_objectstore_cli_takes_its_server_down_however_it_is_stopped(sig, tmp_path):
+    port = free_port()
+    out = tmp_path / "out.txt"
+    with open(out, "w") as log:
+        cli = subprocess.Popen([sys.executable, "-m", "cluster.objectstore", "--dir", str(tmp_path / "s3"),
+                                "--bucket", "runs,data", "--port", str(port)], cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT)
+    weeds = []
+    try:
+        wait_for_text(out, "SeaweedFS S3 is up", cli)
+        weeds = weeds_under(tmp_path)
+        assert [w.ppid() for w in weeds] == [cli.pid]
+        cli.send_signal(sig)
+        assert cli.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 128 + sig)
+        wait_until(lambda: not weeds_under(tmp_path), 15, f"weed gone after {sig.name} to its parent")
+        assert port_is_free(port)
+    finally:
+        cli.kill()
+        kill_leftovers(weeds)
+
+
+PYTEST_SESSION = '''
+import time
+
+from cluster.storage import resolve
+
+
+def test_in_the_middle_of_s3(s3_env):
+    resolve("s3://runs/hygiene.txt").write_text("written")
+    assert resolve("s3://runs/hygiene.txt").read_text() == "written"
+    print("IN THE MIDDLE OF AN S3 TEST", flush=True)
+    time.sleep(300)
+'''
+
+
+@pytest.mark.slow  # ~7-12 s each: pytest's start and imports on top of the server's
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_pytest_session_stopped_mid_s3_test_leaves_no_server(sig, tmp_path):
+    """The real `object_store` fixture of tests/conftest.py (loaded as a plugin) in a pytest run that is stopped."""
+    (tmp_path / "test_s3_session.py").write_text(PYTEST_SESSION)
+    base, out = tmp_path / "basetemp", tmp_path / "out.txt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    with open(out, "w") as log:
+        session = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-s",
+                                    "-q", f"--basetemp={base}", "test_s3_session.py"], cwd=tmp_path, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    weeds = []
+    try:
+        wait_for_text(out, "IN THE MIDDLE OF AN S3 TEST", session)
+        weeds = weeds_under(base)
+        assert [w.ppid() for w in weeds] == [session.pid]
+        session.send_signal(sig)
+        session.wait(timeout=30)
+        wait_until(lambda: not weeds_under(base), 15, f"weed gone after {sig.name} to pytest")
+    finally:
+        session.kill()
+        kill_leftovers(weeds)
+
+
+PARENT = '''
+import subprocess, sys, time
+from cluster.processes import die_with_parent
+child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent())
+print(child.pid, flush=True)
+time.sleep(60)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_a_parent_killed_by_sigkill():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: gone(child), 5, "the child gone after its parent's SIGKILL")
+    finally:
+        kill_leftovers([child])
+
+
+def test_a_child_started_from_a_worker_thread_outlives_that_thread():
+    # The death signal follows the forking thread, so it is not set there: the thread's end must not kill the child.
+    started = []
+
+    def start():
+        with pytest.warns(RuntimeWarning, match="main thread"):
+            started.append(subprocess.Popen(["sleep", "30"], preexec_fn=die_with_parent()))
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join()
+    child = started[0]
+    try:
+        time.sleep(0.5)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_stop_on_signals_cleans_up_once_and_exits_with_128_plus_the_signal():
+    calls = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        with stop_on_signals(lambda: calls.append(os.kill(os.getpid(), signal.SIGTERM))):  # a 2nd signal mid-cleanup
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+    with stop_on_signals(lambda: calls.append("normal end")):
+        pass
+    assert calls[-1] == "normal end"
+
+
+def make_sessions(root: Path, n: int) -> list[Path]:
+    """n fake Ray session folders, oldest first, one second apart."""
+    sessions = []
+    for i in range(n):
+        s = root / f"session_2025-01-01_00-00-{i:02d}_000000_{1000 + i}"
+        (s / "logs").mkdir(parents=True)
+        (s / "logs" / "raylet.out").write_text("log")
+        os.utime(s, (1_700_000_000 + i, 1_700_000_000 + i))
+        sessions.append(s)
+    return sessions
+
+
+def test_prune_ray_sessions_keeps_the_newest_the_latest_and_those_in_use(tmp_path):
+    sessions = make_sessions(tmp_path, 10)
+    (tmp_path / "session_latest").symlink_to(sessions[2])  # not among the newest: still kept
+    (tmp_path / "ray_current_cluster").write_text("not a session")
+    # A live process naming a session on its command line, as Ray's raylet and workers do.
+    user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session_dir={sessions[0]}"])
+    try:
+        removed = prune_ray_sessions(str(tmp_path), keep=3)
+    finally:
+        user.kill()
+        user.wait()
+    assert sorted(removed) == [sessions[1], *sessions[3:7]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [s.name for s in (sessions[0], sessions[2], *sessions[7:])] + ["session_latest", "ray_current_cluster"])
+    assert prune_ray_sessions(str(tmp_path), keep=3) == [sessions[0]]  # its user has gone
+    assert prune_ray_sessions(str(tmp_path / "missing")) == []
