@@ -43,16 +43,17 @@ class ProgressChannel:
 
     def receive(self, timeout: float) -> list[tuple]:
         """What arrived, waiting up to `timeout` seconds for the first message."""
-        from ray.util.queue import Empty
-
         try:
             first = self._queue.get(timeout=timeout)
-        except Empty:
+            return [first] + self._queue.get_nowait_batch(self._queue.qsize())
+        except Exception:  # noqa: BLE001 - Empty, or Ray going down with a failed run: its error is what counts
             return []
-        return [first] + self._queue.get_nowait_batch(self._queue.qsize())
 
     def shutdown(self) -> None:
-        self._queue.shutdown()
+        try:
+            self._queue.shutdown()
+        except Exception:  # noqa: BLE001 - as above
+            pass
 
 
 class ProgressDisplay:
