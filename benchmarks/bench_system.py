@@ -135,7 +135,8 @@ PHASES = [("imports, plan and Ray start (ray.init)", "started an embedded local 
 def startup_phases(ds: str, storage: Path, name: str, env: dict) -> dict:
     """Seconds of each PHASES stage of a warm tiny run, timed from the lines as they reach the console."""
     cmd = [sys.executable, str(ROOT / "jobs" / "train_nlg.py"), "--recipe", "tiny", "--data", ds, "--storage",
-           str(storage), "--name", name, "--verbose", "--set", "train.max_steps=2", "--set", "train.log_interval=1",
+           str(storage), "--name", name, "--verbose", "--set", "train.max_steps=2", "--set", "train.warmup_steps=0",
+           "--set", "train.log_interval=1",
            "--set", "train.sample_interval=0", "--set", "train.eval_interval=1000",
            "--set", "train.checkpoint_interval=1000"]
     t0 = time.time()
