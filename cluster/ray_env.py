@@ -62,8 +62,13 @@ def connect(cpus_needed: float = 1.0, log=print, quiet: bool = False) -> str:
         return "existing"
     quiet_options = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else logging.INFO}
     if quiet:
-        for name in ("ray.train", "ray.data", "ray.tune"):
+        for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        import ray.data  # configures its own loggers on import: the file log keeps everything, the console less
+
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.name == "console":
+                handler.setLevel(logging.WARNING)
         # Said on every ray.init of a local Ray; the embedded one keeps token auth on, nothing to act on.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS")
@@ -76,9 +81,12 @@ def connect(cpus_needed: float = 1.0, log=print, quiet: bool = False) -> str:
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed + 0.1) + 1)
     temp_dir = os.environ.get("GENAI_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "genai-ray"))
     prune_ray_sessions(temp_dir)  # Ray keeps every run's session_* folder (its logs) forever
+    # One node that nothing drains: Ray Train's preemption watcher (an actor process per run, and an error line
+    # in the logs) has nothing to watch.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.update(worker_env())
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir,
-             runtime_env={"env_vars": worker_env()}, **quiet_options)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _temp_dir=temp_dir, runtime_env={"env_vars": worker_env()}, **quiet_options)
     logs = os.path.join(temp_dir, "session_latest", "logs")
     log(f"started an embedded local Ray ({num_cpus} logical CPUs; its logs: {logs}); set RAY_ADDRESS to use a cluster")
     return "local"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,9 +70,70 @@ def classifier(digits_dataset, tmp_path_factory) -> str:
     return str(out)
 
 
+# Jobs that start Ray run on one Ray cluster shared by the whole test session (started on first use): each
+# run then connects in about a second instead of starting and stopping an embedded Ray of its own. A test
+# that needs the embedded Ray passes env={"RAY_ADDRESS": ""}.
+RAY_JOBS = {"train_nlg.py", "train_gan.py", "tune.py"}
+
+
+class SharedServices:
+    """The servers the integration tests share: a local S3 server and a one-node Ray cluster whose workers
+    reach it. Each starts on first use, dies with this process, and stops at the end of the session."""
+
+    def __init__(self):
+        self.base: Path | None = None  # pytest's basetemp, once the session has one
+        self.ray_root: str | None = None
+        self.store = None
+        self.cluster = None
+
+    def object_store(self):
+        if self.store is None:
+            from cluster.objectstore import ObjectStore
+
+            folder = tempfile.mkdtemp(prefix="seaweedfs", dir=self.base)
+            self.store = ObjectStore(folder, ["datasets", "runs"]).start()
+        return self.store
+
+    def ray_cluster(self):
+        if self.cluster is None:
+            from cluster.localcluster import LocalCluster
+
+            self.ray_root = tempfile.mkdtemp(prefix="genai-test-ray-")  # short: Ray's socket paths live under it
+            # As many logical CPUs as the embedded Ray of the largest test run would have (cluster/ray_env.py).
+            self.cluster = LocalCluster(self.ray_root, nodes=1, cpus_per_node=4,
+                                        env=self.object_store().env()).start()
+        return self.cluster
+
+    def stop(self):
+        if self.cluster:
+            self.cluster.stop()
+            shutil.rmtree(self.ray_root, ignore_errors=True)
+        if self.store:
+            self.store.stop()
+
+
+SERVICES = SharedServices()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_services(tmp_path_factory):
+    SERVICES.base = tmp_path_factory.getbasetemp()
+
+
+def pytest_sessionfinish(session):
+    SERVICES.stop()
+
+
+def ray_job_env() -> dict[str, str]:
+    """The environment for a Ray job a test starts itself (Popen): on the session's Ray cluster."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", **SERVICES.ray_cluster().client_env())
+
+
 def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run jobs/<script> as a user would and capture its output."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """Run jobs/<script> as a user would and capture its output (Ray jobs on the session's Ray cluster)."""
+    shared = script in RAY_JOBS and "RAY_ADDRESS" not in (env or {}) and not os.environ.get("RAY_ADDRESS")
+    full_env = ray_job_env() if shared else dict(os.environ, PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT)
 
@@ -81,13 +144,10 @@ def job():
 
 
 @pytest.fixture(scope="session")
-def object_store(tmp_path_factory):
-    """A real SeaweedFS S3 server on loopback (free ports, fresh data folder), with buckets datasets/runs."""
-    from cluster.objectstore import ObjectStore
-
-    store = ObjectStore(str(tmp_path_factory.mktemp("seaweedfs")), ["datasets", "runs"]).start()
-    yield store
-    store.stop()
+def object_store():
+    """A real SeaweedFS S3 server on loopback (free ports, fresh data folder), with buckets datasets/runs; the
+    shared Ray cluster's workers reach it."""
+    return SERVICES.object_store()
 
 
 @pytest.fixture

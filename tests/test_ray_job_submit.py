@@ -3,42 +3,25 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SERVICES
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head(tmp_path):
-    """A real single-node Ray cluster on loopback, stopped afterwards."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
-    dash = free_port()
-    temp = Path("/tmp") / f"genai-rayhead-{os.getpid()}"
-    start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    env.update(RAY_ADDRESS=f"http://127.0.0.1:{dash}", RAY_AUTH_MODE="token")
-    try:
-        yield env
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+def ray_head():
+    """The session's real Ray cluster (`ray start --head`, see cluster/localcluster.py), reached as `ray job
+    submit` reaches one: through its dashboard, with Ray's token auth."""
+    cluster = SERVICES.ray_cluster()
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ADDRESS=cluster.dashboard_url,
+                RAY_AUTH_MODE="token")
 
 
 def submit(env, *entrypoint: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, run_job
+from conftest import ROOT, ray_job_env, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,8 @@ def test_interrupted_driver_checkpoints_and_the_run_resumes(char_dataset, tmp_pa
     for sig in (signal.SIGINT, signal.SIGTERM):
         proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_nlg.py"),
                                  *train_args(char_dataset, tmp_path, "stopped", *sets)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env=ray_job_env())
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -196,9 +197,12 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(char_dataset, tmp_path):
         assert r.returncode == 2, (extra, r.stdout, r.stderr)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert time.time() - t0 < 30  # refused before Ray starts
-    # A GPU run on a Ray without GPUs: refused at once, not retried by Ray Train every 60 s.
-    r = run_job("train_nlg.py", "--recipe", "tiny", "--data", char_dataset, "--storage", str(tmp_path),
-                "--set", "cluster.use_gpu=true")
-    assert r.returncode == 2 and "cannot hold 1 worker(s) of 0.5 CPU + 1 GPU" in r.stderr, r.stdout + r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    # A GPU run on a Ray without GPUs is not retried by Ray Train every 60 s: the embedded Ray refuses it at
+    # once, a cluster (which an autoscaler might grow) after cluster.resource_wait_s.
+    gpu = ["--recipe", "tiny", "--data", char_dataset, "--storage", str(tmp_path), "--set", "cluster.use_gpu=true"]
+    for env, waited in (({"RAY_ADDRESS": ""}, ""), (None, " after waiting 1s")):
+        r = run_job("train_nlg.py", *gpu, "--set", "cluster.resource_wait_s=1", env=env)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"cannot hold 1 worker(s) of 0.5 CPU + 1 GPU: its nodes hold 0 (0 GPU(s) in all){waited};" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert list(tmp_path.iterdir()) == []  # nothing written

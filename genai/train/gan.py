@@ -29,7 +29,7 @@ from genai.train.checkpoint import restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
 from genai.train.steps import gan_step, run_epochs
 from genai.train.tracking import RunLogger, say
-from genai.train.worker import init_worker
+from genai.train.worker import EpochRows, init_worker
 
 ROWS_PER_FETCH = 1024
 COLLAPSE_D_LOSS = 1e-3  # a discriminator loss this close to 0 means it wins outright: the generator has failed
@@ -195,6 +195,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     recipe = GANRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
     rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
+    train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=2)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     mcfg = GANConfig(**cfg["model_config"])
@@ -329,8 +330,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     def to_device(array):
         return torch.from_numpy(array).to(device, non_blocking=True)
 
-    train_shard = ray.train.get_dataset_shard("train")
-
     def train_step(batches) -> None:
         nonlocal sums, counted, steps_timed
 
@@ -345,8 +344,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         steps_timed += 1
 
     def open_epoch(epoch: int) -> ExampleStream:
-        rows = train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH, prefetch_batches=2)
-        return ExampleStream(rows, decode, t.batch_size, t.seed, epoch, rank, recipe.data.shuffle_buffer)
+        return ExampleStream(train_rows.epoch(), decode, t.batch_size, t.seed, epoch, rank, recipe.data.shuffle_buffer)
 
     n_steps = steps_per_epoch(cfg["rows_per_worker"], t.batch_size, t.n_critic)
     stopped = run_epochs(state, t.max_steps, lambda _: n_steps, open_epoch, t.n_critic, train_step, at_step_end,

@@ -25,7 +25,7 @@ from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
 from genai.train.steps import lm_step, run_epochs
 from genai.train.tracking import RunLogger, say
-from genai.train.worker import init_worker
+from genai.train.worker import EpochRows, init_worker
 
 ROWS_PER_FETCH = 32
 
@@ -167,6 +167,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     recipe = NLGRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
     rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
+    train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=4)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model_config = GPTConfig(**cfg["model_config"])
@@ -252,7 +253,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     flops_per_token = model.flops_per_token(seq_len)
     peak = _peak_flops(t, device)
     tokens_per_step = micro * accum * world * seq_len
-    train_shard = ray.train.get_dataset_shard("train")
     loss_sum, loss_count = torch.zeros((), device=device), 0
     last = {"val_loss": None}
     step_t0 = time.perf_counter()
@@ -308,8 +308,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         steps_timed += 1
 
     def open_epoch(epoch: int) -> WindowStream:
-        rows = train_shard.iter_batches(batch_format="pyarrow", batch_size=ROWS_PER_FETCH, prefetch_batches=4)
-        return WindowStream(rows, seq_len, micro, t.seed, epoch, rank, recipe.data.shuffle_buffer_windows)
+        return WindowStream(train_rows.epoch(), seq_len, micro, t.seed, epoch, rank, recipe.data.shuffle_buffer_windows)
 
     def epoch_steps(epoch: int) -> int:
         return steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)

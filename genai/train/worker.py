@@ -28,3 +28,43 @@ def init_worker(torch_threads: int | None, console=None) -> tuple[int, int, torc
     rank = ctx.get_world_rank()
     use_console(console if rank == 0 else None)
     return rank, ctx.get_world_size(), device
+
+
+class EpochRows:
+    """A worker's training rows, one `iter_batches` pass per epoch, the first pass started at once.
+
+    Ray Data starts a dataset's execution (its coordinator actor, read tasks) on the first request for a
+    batch; asking for it in the background here lets that start overlap the model and engine set-up."""
+
+    def __init__(self, shard, batch_size: int, prefetch_batches: int):
+        import queue
+        import threading
+
+        self._shard, self._options = shard, dict(batch_format="pyarrow", batch_size=batch_size,
+                                                 prefetch_batches=prefetch_batches)
+        self._first: queue.Queue = queue.Queue(1)
+        self._started = iter(self._shard.iter_batches(**self._options))
+        threading.Thread(target=self._pull_first, name="first-rows", daemon=True).start()
+
+    def _pull_first(self) -> None:
+        try:
+            self._first.put((True, next(self._started)))
+        except StopIteration:
+            self._first.put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - raised where the rows are read
+            self._first.put((False, exc))
+
+    def epoch(self):
+        """The rows of the next epoch (the pass started in the background for the first one)."""
+        if self._started is None:
+            return self._shard.iter_batches(**self._options)
+        started, self._started = self._started, None
+        return self._resume(started)
+
+    def _resume(self, started):
+        ok, value = self._first.get()
+        if isinstance(value, BaseException):
+            raise value
+        if ok:
+            yield value
+            yield from started
