@@ -95,14 +95,19 @@ class LocalCluster:
         if i == 0:
             args = ["--head", f"--port={self.port}", f"--temp-dir={os.path.abspath(self.root)}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
-        else:  # its own ports: two raylets on one machine
+        else:  # its own ports: several nodes on one machine would otherwise take the same defaults
             args = [f"--address={self.address}", f"--node-manager-port={free_port()}",
                     f"--object-manager-port={free_port()}", f"--min-worker-port={20000 + 2000 * i}",
-                    f"--max-worker-port={20000 + 2000 * i + 1999}"]
+                    f"--max-worker-port={20000 + 2000 * i + 1999}", f"--metrics-export-port={free_port()}",
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}"]
         node = Node(i, self.cpus_per_node, os.path.join(self.root, f"node-{i}.log"))
         env = dict(os.environ, **DRIVER_ENV_DEFAULTS, **worker_env(), **self.env,
-                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # a stop here means stop now
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # a stop here means stop now
+                   RAY_AUTH_MODE="token")  # the head's default; a joining node must say so to present the token
         env.pop("RAY_ADDRESS", None)
+        # `python` in a submitted job's entrypoint is this environment's (with the project's dependencies).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with open(node.log, "ab") as log:  # the child keeps its own copy
             node.proc = subprocess.Popen([ray_binary(), "start", *args, *common], stdout=log,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -115,7 +120,9 @@ class LocalCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if not node.alive:
-                raise RuntimeError(f"ray start (node {node.index}) exited with {node.proc.returncode}; see {node.log}")
+                tail = Path(node.log).read_text(errors="replace").strip().splitlines()[-8:]
+                raise RuntimeError(f"ray start (node {node.index}) exited with {node.proc.returncode}; the end of "
+                                   f"{node.log}:\n" + "\n".join(tail))
             if READY_LINE in Path(node.log).read_text(errors="replace"):
                 return
             time.sleep(0.3)

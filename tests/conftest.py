@@ -73,7 +73,7 @@ def classifier(digits_dataset, tmp_path_factory) -> str:
 # Jobs that start Ray run on one Ray cluster shared by the whole test session (started on first use): each
 # run then connects in about a second instead of starting and stopping an embedded Ray of its own. A test
 # that needs the embedded Ray passes env={"RAY_ADDRESS": ""}.
-RAY_JOBS = {"train_nlg.py", "train_gan.py", "tune.py"}
+RAY_JOBS = {"train_nlg.py", "train_gan.py", "tune.py", "prepare_data.py"}
 
 
 class SharedServices:
