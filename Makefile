@@ -41,6 +41,7 @@ test-unit: setup
 bench: setup
 	$(PY) benchmarks/bench_nlg.py
 	$(PY) benchmarks/bench_streaming.py
+	$(PY) benchmarks/bench_prepare.py
 	$(PY) benchmarks/bench_gan.py
 	$(PY) benchmarks/bench_tune.py
 	$(PY) benchmarks/bench_system.py

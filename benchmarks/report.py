@@ -65,6 +65,26 @@ def streaming_rows(r: dict) -> list[list[str]]:
     ]
 
 
+def prepare_rows(r: dict) -> list[list[str]]:
+    mode = "1 process" if r["workers"] == 0 else f"{r['workers']} Ray Data workers"
+    machine = f"{r['cpus']} CPU cores, {mode}, medians of {r.get('repeats', 1)}"
+    rows = []
+    for size, row in r["rows"].items():
+        ours, base = row["ours"], row["baseline"]
+        rows.append([f"prepare {size} MB of JSON lines (BPE): tokens/s end to end", spread(ours, "tokens_per_s"),
+                     f"{spread(base, 'tokens_per_s')} (tokenizers encode_batch loop)",
+                     f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}", "-", machine])
+        rows.append([f"prepare {size} MB: tokens/s while tokenizing and writing", spread(ours, "stream_tokens_per_s"),
+                     f"{spread(base, 'tokens_per_s')}", f"{ours['stream_tokens_per_s'] / base['tokens_per_s']:.2f}",
+                     "-", machine])
+    small, large = r["sizes_mb"][0], r["sizes_mb"][-1]
+    if small != large:
+        rows.append([f"peak RSS, {large} MB corpus vs {small} MB", f"{r['rows'][str(large)]['ours']['peak_rss_mb']:,.0f} MB",
+                     f"{r['rows'][str(small)]['ours']['peak_rss_mb']:,.0f} MB", f"{r['rss_ratio']:.2f}",
+                     f"≤ 1.3: {verdict(r['rss_ratio'] <= 1.3)}", machine])
+    return rows
+
+
 def gan_rows(r: dict) -> list[list[str]]:
     o, rows, machine = r["overhead"], [], repeated(r)
     rows.append([f"GAN images/s, conditional DCGAN, 1 worker ({o['steps']} steps)", spread(o, "ours_images_per_s"),
@@ -87,12 +107,22 @@ def gan_rows(r: dict) -> list[list[str]]:
 def gpu_rows(r: dict) -> list[list[str]]:
     g, d = r["gpt2_small"], r["dcgan"]
     machine = f"{g['device']}, torch {r['torch']}"
-    mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] else "-"
-    return [[f"GPT-2 small {g['precision']} ZeRO-{g['zero_stage']} tokens/s (batch {g['micro_batch']}x{g['seq_len']})",
-             f"{g['tokens_per_s']:,.0f}", "device dense bf16 peak", mfu, "MFU ≥ 45%: "
-             + (verdict(g["mfu"] >= 0.45) if g["mfu"] else "-"), machine],
-            [f"DCGAN images/s (batch {d['batch']}, {d['precision']})", f"{d['images_per_s']:,.0f}", "-", "-", "-",
-             machine]]
+    measured = r["peaks_TFLOPs"]["measured"]
+    rows = []
+    for name, v in g["variants"].items():
+        if "tokens_per_s" not in v:
+            rows.append([f"GPT-2 small, {name}", v.get("error") or v.get("skipped"), "-", "-", "-", machine])
+            continue
+        memory = f", {v['peak_memory_GiB']:.1f} GiB peak" if v.get("peak_memory_GiB") else ""
+        mfu = v["mfu_datasheet"]
+        rows.append([f"GPT-2 small tokens/s, {name} ({v['precision']}, batch {v['micro_batch']}x{v['grad_accum']}x"
+                     f"{v['seq_len']}{memory})", f"{v['tokens_per_s']:,.0f}",
+                     f"MFU vs measured matmul peak ({measured:.0f} TFLOP/s): {100 * v['mfu_measured_peak']:.1f}%",
+                     f"{100 * mfu:.1f}% of datasheet" if mfu else "-",
+                     ("MFU ≥ 45%: " + verdict(mfu >= 0.45)) if mfu and name == g["best"] else "-", machine])
+    rows.append([f"DCGAN images/s (batch {d['batch']}, {d['precision']})", f"{d['images_per_s']:,.0f}", "-", "-", "-",
+                 machine])
+    return rows
 
 
 def tune_rows(r: dict) -> list[list[str]]:
@@ -142,6 +172,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     sections = [("GPT (benchmarks/bench_nlg.py)", "nlg", nlg_rows),
                 ("Streaming from object storage (benchmarks/bench_streaming.py)", "streaming", streaming_rows),
+                ("Corpus preparation (benchmarks/bench_prepare.py)", "prepare", prepare_rows),
                 ("GAN (benchmarks/bench_gan.py)", "gan", gan_rows),
                 ("Sweeps (benchmarks/bench_tune.py)", "tune", tune_rows),
                 ("Checkpoints, start-up and scaling (benchmarks/bench_system.py)", "system", system_rows),

@@ -22,8 +22,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def bf16_gradient_dtypes(zero_stage: int) -> dict:
+    """DeepSpeed keys that make bf16 training reduce gradients in fp32 and, where DeepSpeed 0.19 allows it,
+    accumulate them in fp32 (both otherwise follow the model's bf16).
+
+    fp32 accumulation needs ZeRO: without it DeepSpeed refuses the mix (engine._do_optimizer_sanity_check raises
+    "unsupported mix of model_dtype=bfloat16 and grad_accum_dtype=float32"), so ZeRO-0 accumulates in bf16. With
+    ZeRO-1 (no offload) DeepSpeed then trains with its BF16_Optimizer; ZeRO-2/3 keep fp32 gradient partitions."""
+    keys: dict = {"communication_data_type": "fp32"}
+    if zero_stage >= 1:
+        keys["data_types"] = {"grad_accum_dtype": "fp32"}
+    return keys
+
+
 def build_deepspeed_config(ds: Any, train: Any, num_workers: int, use_gpu: bool) -> dict:
-    """DeepSpeed JSON config: batch sizes, ZeRO stage and offload, precision, clipping.
+    """DeepSpeed JSON config: batch sizes, ZeRO stage and offload, precision (bf16 with fp32 gradient reduction
+    and accumulation, see bf16_gradient_dtypes), clipping.
 
     `ds` and `train` are the recipe's `deepspeed` and `train` sections. The optimizer is declared
     here only with optimizer offload (DeepSpeed then uses its CPU Adam); otherwise the training loop
@@ -41,6 +55,8 @@ def build_deepspeed_config(ds: Any, train: Any, num_workers: int, use_gpu: bool)
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12, "loss_scale_window": 200},
     }
+    if precision == "bf16":
+        cfg.update(bf16_gradient_dtypes(ds.zero_stage))
     zero = cfg["zero_optimization"]
     if ds.zero_stage >= 1:
         zero.update({

@@ -16,8 +16,11 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.names import NAME_MAX, NAME_RULE, check_name
+from genai.resume_policy import mutable_fields, pbt_fields
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+# Marks a setting a user must fill in before a shipped command runs (S3 bucket names cannot contain it).
+PLACEHOLDER = "REPLACE_ME"
 
 
 class ConfigError(ValueError):
@@ -94,6 +97,13 @@ class ModelConfig(_Section):
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size; null takes the dataset's tokenizer size (rounded up to a multiple of 64)."
     )
+    activation_checkpointing: bool = Field(False, description=(
+        "Recompute each transformer block's activations in the backward pass instead of keeping them "
+        "(torch.utils.checkpoint): less memory for about a third more compute; the same loss and gradients."))
+    loss_chunk_tokens: int = Field(0, ge=0, description=(
+        "Compute the training loss over the vocabulary this many positions at a time, so a micro-batch's full "
+        "(batch, seq_len, vocab) logits never exist at once (they dominate memory at a 50k vocabulary); the same "
+        "loss and gradients within float rounding. 0: all positions at once."))
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
@@ -105,23 +115,35 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where the training tokens come from."""
 
-    uri: str | None = Field(
-        None, description="Prepared dataset (a folder or URI holding manifest.json). Null: prepare `source` into the cache."
-    )
-    source: str = Field(
+    uri: str | None = Field(None, description=(
+        "Prepared dataset (a folder or URI holding manifest.json). Null: prepare `source` into the cache. "
+        f"A URI containing {PLACEHOLDER} is a placeholder (in the shipped Kubernetes jobs) and refused."))
+    source: str | None = Field(
         "builtin:shakespeare",
-        description="Corpus to prepare when `uri` is null: a file, a folder, an http(s) URL or builtin:shakespeare / builtin:pydoc.",
+        description=("Corpus to prepare when `uri` is null: a file, a folder, an http(s) URL or builtin:shakespeare / "
+                     "builtin:pydoc. Null: none, `uri` is required (recipes meant for a large prepared corpus)."),
     )
     tokenizer: Literal["char", "bpe"] = Field("char", description="Tokenizer to train on the corpus when preparing.")
     bpe_vocab_size: int = Field(4096, ge=260, description="Vocabulary size of the byte-level BPE tokenizer.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of the corpus held out for validation.")
-    chunk_tokens: int = Field(1024, ge=8, description="Tokens per parquet row when preparing; at least 2 x (seq_len + 1).")
+    chunk_tokens: int = Field(1024, ge=8, description=(
+        "Tokens per parquet row when preparing; any size serves any seq_len (windows cross rows)."))
     cache_dir: str = Field(
         "~/.cache/genai-cluster/datasets", description="Where datasets prepared on first use are kept."
     )
     shuffle_buffer_windows: int = Field(
         8192, ge=1, description="Training windows shuffled together on each worker (a seeded, resumable shuffle)."
     )
+
+    @model_validator(mode="after")
+    def _dataset_given(self) -> "DataConfig":
+        if self.uri is not None and PLACEHOLDER in self.uri:
+            raise ValueError(f"data.uri={self.uri} is a placeholder: prepare the dataset with jobs/prepare_data.py "
+                             "--out URI (docs/deploy.md) and give that URI")
+        if self.uri is None and self.source is None:
+            raise ValueError("data.uri is required: this recipe names no corpus to prepare (data.source is null); "
+                             "prepare one with jobs/prepare_data.py --out URI and pass --data URI")
+        return self
 
 
 class TrainConfig(_Section):
@@ -159,6 +181,15 @@ class TrainConfig(_Section):
     peak_flops: float | None = Field(
         None, gt=0, description="Peak FLOP/s of one device for MFU; null looks the GPU up in a table (no MFU on CPU)."
     )
+    compile: bool = Field(False, description=(
+        "torch.compile the model (DeepSpeed's engine.compile): faster steps on GPU after a compile of a minute or "
+        "so at start; the loss agrees with eager mode within float rounding."))
+    tf32: bool = Field(False, description=(
+        "On GPU, run fp32 matrix products on TF32 tensor cores (torch.set_float32_matmul_precision('high')): much "
+        "faster fp32 training at a 10-bit mantissa; bf16 and fp16 products are unaffected. No effect on CPU."))
+    pin_memory: bool = Field(True, description=(
+        "On GPU, copy each batch to the device from pinned (page-locked) host memory, asynchronously. No effect "
+        "on CPU, nor on the numbers."))
 
 
 class DeepSpeedSection(_Section):
@@ -490,15 +521,6 @@ class SchedulerConfig(_Section):
         "restart each time); false compares with whatever the others last reported."))
 
 
-# Fields PBT may change when it continues a trial from another trial's checkpoint: nothing that changes
-# shapes, data order or the step budget.
-PBT_MUTABLE = {
-    "gpt": ("train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay_steps", "train.grad_clip",
-            "model.dropout"),
-    "gan": ("train.lr_g", "train.lr_d", "train.n_critic", "train.gp_weight", "train.grad_clip", "train.ema_decay"),
-}
-
-
 class SweepConfig(_Section):
     """A hyperparameter sweep over a recipe: each trial is a distributed training run."""
 
@@ -551,11 +573,12 @@ def load_sweep(path: str, extra_overrides: list[str] | None = None) -> tuple[Swe
 
 
 def _check_pbt(path: str, sweep: SweepConfig, base: Any) -> None:
-    mutable = PBT_MUTABLE[base.kind]
+    mutable = pbt_fields(base.kind)
     for key in sweep.parameters:
         if key not in mutable:
-            raise ConfigError(f"{path}: parameters.{key}: PBT continues trials from other trials' checkpoints, so "
-                              f"it can only vary {', '.join(mutable)}")
+            why = " (which fix it)" if key not in mutable_fields(base.kind) else ""
+            raise ConfigError(f"{path}: parameters.{key}: PBT continues trials from other trials' checkpoints{why}, "
+                              f"so it can only vary {', '.join(mutable)}")
     s, t = sweep.scheduler, base.train
     interval = s.perturbation_interval or t.checkpoint_interval
     if interval % t.checkpoint_interval:

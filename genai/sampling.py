@@ -6,14 +6,17 @@ a checkpoint's `trainer_state.json` names its kind and its `meta/` folder holds 
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
 import torch
 import yaml
+from safetensors.torch import load as safetensors_load
 
 from cluster.storage import Location, StorageError, resolve
 from genai.data.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
@@ -86,14 +89,47 @@ def model_kind(uri: str) -> str:
 
 
 def _consolidate(ckpt_dir: str, tag: str, zero_stage: int) -> dict:
-    """fp32 weights from DeepSpeed shards: ZeRO stages 1-3 through zero_to_fp32, stage 0 from the module file."""
+    """fp32 weights from DeepSpeed shards: stage 0 from the module file, stages 1-2 from the ranks' fp32
+    partitions, stage 3 through zero_to_fp32."""
     if zero_stage == 0:
         states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
                             weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    if zero_stage <= 2:
+        return _fp32_from_partitions(os.path.join(ckpt_dir, tag))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+
+def _fp32_from_partitions(folder: str) -> dict:
+    """ZeRO-1/2 fp32 master weights from every rank's optimizer file, each naming the slice of each parameter its
+    fp32 partition holds (DeepSpeed's param_slice_mappings). zero_to_fp32 would refuse the files of DeepSpeed's
+    BF16_Optimizer, which bf16 ZeRO-1 trains with (fp32 gradient accumulation)."""
+
+    def rank(path: str) -> int:
+        return int(re.search(r"pp_rank_(\d+)_", os.path.basename(path)).group(1))
+
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*_optim_states.pt")), key=rank):
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        for partition, slices in zip(saved["single_partition_of_fp32_groups"], saved["param_slice_mappings"]):
+            for name, where in slices.items():
+                pieces.setdefault(name, []).append(partition.narrow(0, where.start, where.numel).float())
+    model = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in model["param_shapes"] for name, shape in group.items()}
+    if set(pieces) != set(shapes) or any(sum(p.numel() for p in pieces[n]) != s.numel() for n, s in shapes.items()):
+        raise CheckpointError(f"{folder}: the ranks' fp32 partitions do not cover the model's parameters "
+                              "(a rank's optimizer file is missing?)")
+    return {name: torch.cat(pieces[name]).view(shape) for name, shape in shapes.items()}
+
+
+def read_weights(file: Location) -> dict[str, torch.Tensor]:
+    """An export's state dict: safetensors, or a torch pickle (GPT exports written before safetensors)."""
+    data = file.read_bytes()
+    if file.path.endswith(".safetensors"):
+        return safetensors_load(data)
+    return torch.load(io.BytesIO(data), map_location="cpu")
 
 
 def load_model(uri: str, device: str = "cpu") -> LoadedModel:
@@ -102,7 +138,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     if kind == "export":
         index = json.loads(loc.join(EXPORT_INDEX).read_text())
         cfg = GPTConfig(**json.loads(loc.join(index["model_config"]).read_text()))
-        state = torch.load(io.BytesIO(loc.join(index["weights"]).read_bytes()), map_location="cpu")
+        state = read_weights(loc.join(index["weights"]))
         tok = tokenizer_from_json(loc.join(index["tokenizer"]).read_text())
         step = None
     else:

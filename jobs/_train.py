@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Callable
 
@@ -15,17 +16,12 @@ from cluster.ray_env import connect
 from cluster.storage import StorageError
 from genai.config import ConfigError, available_recipes, json_value, load_recipe, recipe_to_yaml
 from genai.data.shards import DatasetError
+from genai.resume_policy import dataset_identity, resume_conflicts
 from genai.sampling import incomplete_checkpoints, registered_checkpoints
 from genai.train.interrupt import clear_stop, request_stop
 
 RECIPE_FILE = "recipe.yaml"
-# Fields a resumed run must keep: its checkpoints hold weights and optimizer shards of this shape.
-FIXED_FIELDS = {
-    "gpt": {"model": ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"),
-            "cluster": ("num_workers",), "deepspeed": ("zero_stage",)},
-    "gan": {"model": ("image_size", "channels", "z_dim", "ngf", "ndf", "conditional", "spectral_norm"),
-            "cluster": ("num_workers",)},
-}
+DATASET_FILE = "dataset.json"  # the dataset the run trains on: its URI and content fingerprint
 
 
 def parse_args(doc: str, kind: str, default_recipe: str, argv: list[str] | None = None):
@@ -52,21 +48,45 @@ def recipe_from_args(args, kind: str):
     return load_recipe(args.recipe, overrides, kind=kind)
 
 
-def check_run_matches(run, recipe) -> None:
-    """Resuming a run with a different model shape would fail deep inside DeepSpeed: say so now."""
+def check_run_matches(run, recipe, dataset: dict | None = None) -> None:
+    """Refuse to resume a run with a change its checkpoints cannot take (genai/resume_policy.py: the model's
+    shape, sharding, precision, data order or dataset), in one line naming each field with its saved and new
+    value: otherwise DeepSpeed fails deep inside a worker, or the data guarantee silently breaks.
+
+    `dataset` is this recipe's resolved dataset (resume_policy.dataset_identity), compared with the one the run
+    recorded; without either, the recipe's data fields are compared as written."""
     previous = run.join(RECIPE_FILE)
     if not previous.exists():
         return
-    old = yaml.safe_load(previous.read_text())
-    new = recipe.model_dump(mode="json")
+    old = yaml.safe_load(previous.read_text()) or {}
+    if not isinstance(old, dict):
+        raise ConfigError(f"run {run.uri}: {RECIPE_FILE} is not a recipe: use another --name")
     if old.get("kind", "gpt") != recipe.kind:
         raise ConfigError(f"run {run.uri} is a {old.get('kind', 'gpt')} run: use another --name")
-    for section, keys in FIXED_FIELDS[recipe.kind].items():
-        for key in keys:
-            if old.get(section, {}).get(key) != new[section][key]:
-                raise ConfigError(
-                    f"run {run.uri} exists with {section}.{key}={old[section].get(key)}, this recipe has "
-                    f"{new[section][key]}: use another --name to start a new run")
+    new = yaml.safe_load(recipe_to_yaml(recipe))  # the same YAML round trip as the saved recipe
+    conflicts = resume_conflicts(recipe.kind, old, new, _recorded_dataset(run), dataset)
+    if conflicts:
+        raise ConfigError(f"run {run.uri} exists with {_assignments(conflicts, 1)}, this recipe has "
+                          f"{_assignments(conflicts, 2)}: its checkpoints fix these; use another --name to start a "
+                          "new run")
+
+
+def _recorded_dataset(run) -> dict | None:
+    """The dataset identity the run recorded; None for a run folder from before it was recorded (or a damaged one:
+    the recipe's data fields are compared instead)."""
+    recorded = run.join(DATASET_FILE)
+    if not recorded.exists():
+        return None
+    try:
+        data = json.loads(recorded.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "fingerprint" in data else None
+
+
+def _assignments(conflicts: list[tuple], which: int) -> str:
+    """`a=1 and b=2` from (field, saved, new) triples: the saved (1) or the new (2) values."""
+    return " and ".join(f"{c[0]}={json_value(c[which])}" for c in conflicts)
 
 
 def train(recipe, plan, train_fn: Callable[[dict], None],
@@ -78,14 +98,16 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
     c = recipe.cluster
     name = c.run_name or run_name_default(recipe.name)
     run = run_location(c.storage, name)
+    dataset = dataset_identity(plan.data_uri, plan.manifest.raw)
     try:
-        check_run_matches(run, recipe)
+        check_run_matches(run, recipe, dataset)
     except OSError as exc:
         raise StorageError(f"{run.uri}: cannot read the run folder ({exc})") from None
     where = connect(cpus_needed=c.num_workers * c.cpus_per_worker, quiet=not verbose)
     wait_for_resources(c.num_workers, c.cpus_per_worker, c.use_gpu, c.resource_wait_s if where == "cluster" else 0)
     try:
         run.join(RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+        run.join(DATASET_FILE).write_text(json.dumps(dataset, indent=2))
     except OSError as exc:
         raise StorageError(f"{run.uri}: cannot write the run folder ({exc})") from None
 

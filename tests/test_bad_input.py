@@ -49,7 +49,32 @@ def make_inputs(tmp: Path, char_dataset: str, digits_dataset: str) -> dict[str, 
                  "t10k-labels-idx1-ubyte"):
         (mnist / f"{stem}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 7))  # truncated header
     paths["bad_mnist"] = str(mnist)
+    write_bad_corpora(tmp / "in", paths)
     return paths
+
+
+def write_bad_corpora(folder: Path, paths: dict[str, str]) -> None:
+    """Corpora whose records or files cannot be read as documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = {"no_text_jsonl.jsonl": '{"body": "a"}\n', "bad_json.jsonl": '{"text": "a"}\n{"text": "b"\n'}
+    for name, text in records.items():
+        (folder / name).write_text(text)
+        paths[name.split(".")[0]] = str(folder / name)
+    pq.write_table(pa.table({"body": ["a"]}), folder / "no_text.parquet")
+    paths["no_text_parquet"] = str(folder / "no_text.parquet")
+    (folder / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    paths["binary_txt"] = str(folder / "binary.txt")
+    mixed = folder / "mixed"  # the bad line comes after good files: still found before anything is written
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("a good document\n")
+    (mixed / "b.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    paths["mixed"] = str(mixed)
+    csv_only = folder / "tables"
+    csv_only.mkdir()
+    (csv_only / "a.csv").write_text("a,b\n")
+    paths["csv_only"] = str(csv_only)
 
 
 CASES = [
@@ -63,6 +88,24 @@ CASES = [
      "-idx"),
     ("prepare_data: missing MNIST folder", "prepare_data.py", ["--source", "mnist:{missing}", "--out", "{out}"],
      "missing"),
+    ("prepare_data: JSON line without the text field", "prepare_data.py",
+     ["--source", "{no_text_jsonl}", "--out", "{out}"],
+     "{no_text_jsonl}: line 1 has no 'text' field (choose the field with --text-column)"),
+    ("prepare_data: JSON line that is not JSON", "prepare_data.py", ["--source", "{bad_json}", "--out", "{out}"],
+     "{bad_json}: line 2 is not valid JSON"),
+    ("prepare_data: parquet without the text column", "prepare_data.py",
+     ["--source", "{no_text_parquet}", "--out", "{out}", "--tokenizer", "bpe"],
+     "{no_text_parquet}: no column 'text' (columns: body; choose one with --text-column)"),
+    ("prepare_data: wrong --text-column", "prepare_data.py",
+     ["--source", "{no_text_parquet}", "--out", "{out}", "--text-column", "content"], "no column 'content'"),
+    ("prepare_data: text file that is not UTF-8", "prepare_data.py", ["--source", "{binary_txt}", "--out", "{out}"],
+     "{binary_txt}: not UTF-8 text"),
+    ("prepare_data: bad record deep in a folder", "prepare_data.py", ["--source", "{mixed}", "--out", "{out}"],
+     "{mixed}/b.jsonl: line 2 has no 'text' field"),
+    ("prepare_data: folder of unsupported files", "prepare_data.py", ["--source", "{csv_only}", "--out", "{out}"],
+     "holds no text files (.txt, .md, .rst, .jsonl, .jsonl.gz, .parquet) (skipped 1 .csv file)"),
+    ("prepare_data: negative --workers", "prepare_data.py",
+     ["--source", "builtin:pydoc", "--out", "{out}", "--workers", "-1"], "--workers -1: must be 0"),
     ("prepare_data: unknown builtin", "prepare_data.py", ["--source", "builtin:poems", "--out", "{out}"],
      "builtin:poems"),
     ("prepare_data: val fraction out of range", "prepare_data.py",

@@ -19,9 +19,25 @@ def test_gpu_check_runs_the_training_steps_without_ray_or_pyarrow(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     gpt, gan = result["gpt2_small"], result["dcgan"]
-    assert gpt["tokens_per_s"] > 0 and gpt["loss_last"] < gpt["loss_first"]  # the steps really train
-    assert gan["images_per_s"] > 0
-    assert "| GPT-2 small" in r.stdout and "| DCGAN" in r.stdout
+    variants = gpt["variants"]
+    # On CPU the variants whose knobs act there (compile: tests/test_speed_knobs.py) run, and train.
+    assert set(variants) == {"baseline", "act-ckpt", "chunked-loss", "chunked-loss+mb64"}
+    for name, row in variants.items():
+        assert "error" not in row and "skipped" not in row, (name, row)
+        assert row["tokens_per_s"] > 0 and row["loss_last"] < row["loss_first"], name  # the steps really train
+        assert row["profile"]["share"] and row["mfu_measured_peak"] > 0, name
+        assert name == "baseline" or row["loss_check"]["ok"], (name, row["loss_check"])
+    assert variants["act-ckpt"]["loss_check"]["rel_diff"] == 0  # it changes no arithmetic
+    assert gpt["best"] in variants and gan["images_per_s"] > 0
+    assert "| GPT-2 small variant" in r.stdout and "| DCGAN" in r.stdout and "torch.profiler" in r.stdout
+    assert (tmp_path / "gpu_check.md").read_text().startswith("gpu_check on cpu")
+    assert "Self CPU" in (tmp_path / "gpu_check_profile.txt").read_text()
+
+
+def test_gpu_check_refuses_an_unknown_variant_before_any_work():
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--variants", "baseline,turbo"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "unknown variant(s) turbo" in r.stderr
 
 
 def test_every_benchmark_script_imports_and_documents_itself():

@@ -6,15 +6,26 @@ from genai.config import (ConfigError, GANRecipe, NLGRecipe, available_recipes, 
                           recipe_to_yaml)
 
 
+BRING_YOUR_DATA = {"gpt2-small"}  # recipes for a large prepared corpus: no builtin one to fall back on
+A_DATASET = "data.uri=s3://datasets/corpus-bpe"
+
+
 @pytest.mark.parametrize("name", available_recipes())
 def test_shipped_recipes_are_valid(name):
-    recipe = load_recipe(name)
+    recipe = load_recipe(name, [A_DATASET] if name in BRING_YOUR_DATA else [])
     assert recipe.name == name
+
+
+@pytest.mark.parametrize("name", sorted(BRING_YOUR_DATA))
+def test_a_recipe_without_a_corpus_requires_a_prepared_dataset(name):
+    with pytest.raises(ConfigError, match="data: data.uri is required: this recipe names no corpus to prepare"):
+        load_recipe(name)
+    assert load_recipe(name, [A_DATASET]).data.source is None
 
 
 def test_the_three_promised_recipes_ship():
     assert {"tiny", "shakespeare-char", "gpt2-small"} <= set(available_recipes())
-    gpu = load_recipe("gpt2-small")
+    gpu = load_recipe("gpt2-small", [A_DATASET])
     assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_embd) == (12, 12, 768)
     assert gpu.train.precision == "bf16" and gpu.deepspeed.zero_stage == 2 and gpu.cluster.use_gpu
 
@@ -36,6 +47,7 @@ def test_overrides_are_typed_from_yaml():
     ("model.n_head=3", "model.n_embd=32 is not divisible by model.n_head=3"),
     ("deepspeed.offload_param=cpu", "deepspeed.offload_param needs deepspeed.zero_stage = 3"),
     ("train.precision=fp16", "train.precision=fp16 needs cluster.use_gpu=true"),
+    ("data.uri=s3://runs/datasets/REPLACE_ME", "data.uri=s3://runs/datasets/REPLACE_ME is a placeholder"),
     ("bogus.x=1", "bogus: unknown field"),
 ])
 def test_invalid_recipes_name_the_field(override, message):

@@ -27,7 +27,7 @@ from conftest import needs_shared
 from k8s_support import (CRD_DIR, ROOT, cpu_cores, kustomize_build, pod_specs, strict_schema, tool,
                          validation_errors)
 
-from genai.config import RECIPE_DIR, resolve_recipe_path
+from genai.config import PLACEHOLDER, RECIPE_DIR, ConfigError, resolve_recipe_path
 
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "cluster" / "docker" / "Dockerfile"
@@ -294,6 +294,11 @@ def script_help(script: str) -> str:
 TRAIN_JOBS = {"jobs/train_nlg.py": ("gpt", "shakespeare-char"), "jobs/train_gan.py": ("gan", "dcgan-mnist")}
 
 
+def edited(args: list[str]) -> list[str]:
+    """A shipped command line as a user runs it: the placeholder (the GPU jobs' dataset URI) filled in."""
+    return [a.replace(PLACEHOLDER, "corpus-bpe") for a in args]
+
+
 def train_recipe(args: list[str], script: str = "jobs/train_nlg.py"):
     """The recipe `python <script> ARGS` would train, validated as the job validates it."""
     sys.path.insert(0, str(ROOT / "jobs"))
@@ -318,7 +323,7 @@ def test_every_command_names_a_real_script_its_flags_and_recipes(command):
     for sweep in option_values(argv, "--sweep"):
         assert (ROOT / sweep).is_file(), f"{sweep} does not exist"
     if argv[1] in TRAIN_JOBS:
-        train_recipe(argv[2:], argv[1])  # raises ConfigError naming the field if the overrides do not fit the recipe
+        train_recipe(edited(argv[2:]), argv[1])  # raises ConfigError naming the field if the overrides do not fit
 
 
 def pods_needed(recipe, groups: list[tuple[float, int, int]]) -> int | None:
@@ -339,7 +344,7 @@ def pods_needed(recipe, groups: list[tuple[float, int, int]]) -> int | None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_nlg_job_fits_its_cluster_and_keeps_runs_and_data_in_s3(variant):
     (job,) = [j for j in of_kind(rendered(variant), "RayJob") if "jobs/train_nlg.py" in j["spec"]["entrypoint"]]
-    recipe = train_recipe(shlex.split(job["spec"]["entrypoint"])[2:])
+    recipe = train_recipe(edited(shlex.split(job["spec"]["entrypoint"])[2:]))
     assert recipe.cluster.storage.startswith("s3://")  # every node, and the next job, sees the checkpoints
     assert (recipe.data.uri or recipe.data.cache_dir).startswith("s3://")  # every node reads the dataset
     groups = []
@@ -347,6 +352,20 @@ def test_the_nlg_job_fits_its_cluster_and_keeps_runs_and_data_in_s3(variant):
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         groups.append((cpu_cores(limits["cpu"]), int(limits.get("nvidia.com/gpu", 0)), group["maxReplicas"]))
     assert pods_needed(recipe, groups), f"{recipe.cluster} does not fit worker groups (cpus, gpus, max) {groups}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", ["base", "overlays/gpu-prod"])
+def test_the_gpu_training_job_trains_on_a_dataset_the_user_prepared_not_the_builtin_corpus(variant):
+    (job,) = [j for j in of_kind(rendered(variant), "RayJob") if "jobs/train_nlg.py" in j["spec"]["entrypoint"]]
+    args = shlex.split(job["spec"]["entrypoint"])[2:]
+    assert option_values(args, "--recipe") == ["gpt2-small"]
+    with pytest.raises(ConfigError, match=f"data.uri=s3://.*{PLACEHOLDER} is a placeholder"):
+        train_recipe(args)  # refused before Ray starts until the user puts their dataset there
+    recipe = train_recipe(edited(args))
+    assert recipe.data.uri.startswith("s3://") and recipe.data.source is None
+    with pytest.raises(ConfigError, match="data.uri is required"):
+        train_recipe([a for a in args if PLACEHOLDER not in a and a != "--data"])  # and never falls back on one
 
 
 # --- the image -----------------------------------------------------------------------------------------------------

@@ -79,6 +79,28 @@ def test_missing_and_corrupt_shards_are_named_before_training(s3_env, s3_dataset
     assert r.returncode == 2 and "part-00000.parquet: shard listed in the manifest is missing" in r.stderr
 
 
+def test_a_corpus_under_an_s3_prefix_prepares_as_the_same_files_on_disk(s3_env, tmp_path):
+    from test_data import write_mixed_folder
+
+    folder = write_mixed_folder(tmp_path / "corpus")
+    prefix = f"s3://datasets/{unique('corpus')}"
+    copy_tree(str(folder), prefix)
+    outs = {}
+    for name, source in (("s3", prefix), ("local", str(folder))):
+        r = run_job("prepare_data.py", "--source", source, "--out", str(tmp_path / name), "--tokenizer", "bpe",
+                    "--bpe-vocab-size", "300", "--chunk-tokens", "8", "--workers", "0")
+        assert r.returncode == 0, r.stderr
+        outs[name] = load_manifest(str(tmp_path / name))
+    assert outs["s3"].raw["corpus"] == outs["local"].raw["corpus"]  # the same files read, the same skipped
+    checksums = {name: [s["sha256"] for split in ("train", "val") for s in m.splits[split].shards]
+                 for name, m in outs.items()}
+    assert checksums["s3"] == checksums["local"]
+    r = run_job("prepare_data.py", "--source", f"{prefix}/f.parquet", "--out", str(tmp_path / "x"),
+                "--text-column", "body")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {prefix}/f.parquet: no column 'body' (columns: text; " \
+                                                     "choose one with --text-column)"
+
+
 def test_jobs_refuse_bad_credentials_and_buckets_with_exit_2(s3_env, s3_dataset):
     r = run_job("train_nlg.py", "--recipe", "tiny", "--data", s3_dataset, "--storage", "s3://nope-bucket/runs")
     assert r.returncode == 2 and "the bucket 'nope-bucket' does not exist" in r.stderr

@@ -33,6 +33,22 @@ def test_precision_auto_is_bf16_on_gpu_only():
     assert _ds("cluster.use_gpu=true", gpu=True)["bf16"]["enabled"] is True
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_reduces_and_accumulates_gradients_in_fp32_under_zero(stage):
+    cfg = _ds("train.precision=bf16", f"deepspeed.zero_stage={stage}")
+    assert cfg["communication_data_type"] == "fp32" and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_bf16_without_zero_reduces_in_fp32_only_and_fp32_sets_nothing():
+    zero0 = _ds("train.precision=bf16")
+    assert zero0["communication_data_type"] == "fp32"
+    assert "data_types" not in zero0  # DeepSpeed 0.19 refuses fp32 accumulation of bf16 gradients without ZeRO
+    fp32 = _ds("deepspeed.zero_stage=2")
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32
+    gpu = _ds("cluster.use_gpu=true", "deepspeed.zero_stage=2", gpu=True)  # auto = bf16 on GPU
+    assert gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
 def test_offload_declares_deepspeed_optimizer_and_overrides_merge():
     cfg = _ds("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
               "deepspeed.config_overrides={zero_optimization: {stage3_max_live_parameters: 1000}}")

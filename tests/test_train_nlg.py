@@ -59,7 +59,7 @@ def test_one_worker_trains_logs_exports_and_generates(char_dataset, tmp_path):
     assert {"val/loss", "val/perplexity", "train/lr", "perf/tokens_per_s"} <= set(scalars)
     assert any(t.startswith("samples") for t in tensors)
     export = tmp_path / "one" / "export"
-    assert {"export.json", "model.pt", "model_config.json", "tokenizer.json", "recipe.yaml"} <= {
+    assert {"export.json", "model.safetensors", "model_config.json", "tokenizer.json", "recipe.yaml", "hf"} <= {
         p.name for p in export.iterdir()}
 
     gen = ["--checkpoint", str(tmp_path / "one"), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "7"]
@@ -87,6 +87,63 @@ def test_two_workers_with_zero_stage(stage, char_dataset, tmp_path):
     g = run_job("generate.py", "--checkpoint", str(ckpt), "--max-new-tokens", "20")
     assert g.returncode == 0, g.stderr
     assert "(step 30)" in g.stdout
+
+
+PEAK_FLOPS = 1e12
+
+
+@pytest.fixture(scope="module")
+def zero0_and_zero3(char_dataset, tmp_path_factory) -> dict[int, tuple[str, Path]]:
+    """The same 2-worker run (same seed, data and steps) under ZeRO-0 and ZeRO-3, with train.peak_flops set:
+    {stage: (console output, run folder)}."""
+    storage = tmp_path_factory.mktemp("zero0-zero3")
+    sets = ("cluster.num_workers=2", "train.max_steps=6", "train.warmup_steps=1", "train.log_interval=2",
+            "train.eval_interval=6", "train.checkpoint_interval=6", "train.sample_interval=0",
+            f"train.peak_flops={PEAK_FLOPS}")
+    return {stage: (train(char_dataset, storage, f"zero{stage}", *sets, f"deepspeed.zero_stage={stage}").stdout,
+                    storage / f"zero{stage}") for stage in (0, 3)}
+
+
+def test_parameter_count_and_mfu_do_not_depend_on_the_zero_stage(zero0_and_zero3):
+    """Counted before ZeRO-3 partitions the parameters: the start line and MFU are the model's under every stage
+    (MFU = FLOPs/token x tokens/s / (peak x workers), so MFU / tokens/s is exact, free of timing noise)."""
+    import json
+
+    from genai.models.gpt import GPT, GPTConfig
+
+    starts = {}
+    for stage, (stdout, run) in zero0_and_zero3.items():
+        m = re.search(rf"^model: ([0-9.]+)M parameters, ([0-9.]+) MFLOPs/token; 2 worker\(s\), ZeRO-{stage},",
+                      stdout, re.M)
+        assert m, stdout[-3000:]
+        starts[stage] = m.groups()
+        model = GPT(GPTConfig(**json.loads((run / "export" / "model_config.json").read_text())))
+        flops_per_token = model.flops_per_token(32)  # tiny: seq_len = model.block_size = 32
+        scalars, _ = tensorboard(run)
+        mfu, tokens_per_s = dict(scalars["perf/mfu"]), dict(scalars["perf/tokens_per_s"])
+        assert sorted(mfu) == [2, 4, 6] and all(v > 0 for v in mfu.values())
+        for step, value in mfu.items():
+            assert value / tokens_per_s[step] == pytest.approx(flops_per_token / (PEAK_FLOPS * 2), rel=1e-5)
+    assert starts[0] == starts[3] and float(starts[0][0]) > 0 and float(starts[0][1]) > 0, starts
+
+
+def test_a_zero3_export_equals_the_zero0_export_of_the_same_run(zero0_and_zero3):
+    """ZeRO-3 consolidates its sharded fp32 weights one parameter at a time; the result is the ZeRO-0 model."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from genai.models.gpt import GPT, GPTConfig
+
+    (_, run0), (_, run3) = zero0_and_zero3[0], zero0_and_zero3[3]
+    zero0, zero3 = (load_file(run / "export" / "model.safetensors") for run in (run0, run3))
+    assert zero0.keys() == zero3.keys() and all(v.dtype == torch.float32 for v in zero3.values())
+    for key in zero0:
+        torch.testing.assert_close(zero3[key], zero0[key], rtol=1e-4, atol=1e-5, msg=key)
+    torch.manual_seed(1337)  # the recipe's seed: the weights both runs started from
+    start = GPT(GPTConfig(**json.loads((run0 / "export" / "model_config.json").read_text()))).state_dict()
+    assert max((zero0[k] - start[k]).abs().max().item() for k in zero0) > 1e-3  # they trained
 
 
 def test_optimizer_offload_to_cpu_trains(char_dataset, tmp_path):

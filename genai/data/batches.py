@@ -1,10 +1,13 @@
 """Per-worker token windows from a stream of parquet rows, reproducible for exact resume.
 
-Rows are contiguous chunks of the corpus. Each epoch starts the window grid at an offset drawn
-from (seed, epoch), the same on every worker, so the number of windows each worker gets per
-epoch is known in advance and every worker can take the same number of optimizer steps. Windows
-are shuffled in buffers with an RNG seeded by (seed, epoch, rank): replaying an epoch's row stream
-replays its batches exactly, which is what resume relies on.
+Rows are contiguous chunks of the corpus. A worker's rows, in the order it receives them, are joined
+into one token stream and windows are cut from that stream, across row and shard boundaries, so an
+epoch misses only each worker's first `offset` tokens and what is left after its last whole step.
+The offset, drawn from (seed, epoch) and the same on every worker, moves the window boundaries from
+epoch to epoch, while the number of windows a worker is guaranteed follows from its token count alone
+(`window_count`): every worker can take the same number of optimizer steps. Windows are shuffled in
+buffers with an RNG seeded by (seed, epoch, rank): replaying an epoch's row stream replays its
+batches exactly, which is what resume relies on.
 """
 
 from __future__ import annotations
@@ -13,42 +16,41 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
-    """Where the window grid starts inside each row this epoch (same on all workers)."""
+    """Tokens skipped at the start of each worker's stream this epoch (the same on all workers)."""
     return int(np.random.default_rng([seed, epoch, 0x5EED]).integers(0, seq_len))
 
 
-def windows_per_row(row_tokens: int, seq_len: int, offset: int) -> int:
-    """Windows of seq_len + 1 tokens (inputs and shifted targets) that fit in one row."""
-    return max(0, (row_tokens - offset - 1) // seq_len)
+def window_count(stream_tokens: int, seq_len: int, offset: int) -> int:
+    """Windows of seq_len + 1 tokens (inputs and shifted targets) cut from a stream of `stream_tokens` tokens
+    after skipping `offset`."""
+    return max(0, (stream_tokens - offset - 1) // seq_len)
 
 
-def rows_of(batch) -> list[np.ndarray]:
-    """Token arrays of the rows in a pyarrow Table/RecordBatch or a dict of numpy columns."""
+def tokens_of(batch) -> np.ndarray:
+    """The tokens of a batch's rows joined in order: a pyarrow Table/RecordBatch or a dict of numpy columns."""
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        col = batch.column("tokens")
-        if isinstance(col, pa.ChunkedArray):
-            col = col.combine_chunks()
-        values = col.values.to_numpy(zero_copy_only=False)
-        offsets = col.offsets.to_numpy()
-        base = offsets[0]
-        return [values[offsets[i] - base:offsets[i + 1] - base] for i in range(len(col))]
-    return [np.asarray(r) for r in batch["tokens"]]
+        return pc.list_flatten(batch.column("tokens")).to_numpy(zero_copy_only=False)
+    rows = [np.asarray(r) for r in batch["tokens"]]
+    return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
 
 
-def cut_windows(row: np.ndarray, seq_len: int, offset: int) -> np.ndarray:
-    """Non-overlapping windows (n, seq_len + 1) starting at offset; consecutive windows share one token."""
-    n = windows_per_row(len(row), seq_len, offset)
+def cut_windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive windows (n, seq_len + 1) from the start of `tokens`, and the tokens left over for the next
+    one. Neighbouring windows share one token: the last target of one is the first input of the next."""
+    n = window_count(len(tokens), seq_len, 0)
     if n == 0:
-        return np.empty((0, seq_len + 1), dtype=np.int64)
-    view = np.lib.stride_tricks.sliding_window_view(row[offset:], seq_len + 1)
-    return view[: n * seq_len : seq_len].astype(np.int64)
+        return np.empty((0, seq_len + 1), dtype=np.int64), tokens
+    view = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)
+    return view[: n * seq_len : seq_len].astype(np.int64), tokens[n * seq_len:]
 
 
 class WindowStream:
-    """One epoch of one worker's rows as shuffled micro-batches of shape (micro_batch, seq_len + 1)."""
+    """One epoch of one worker's rows as shuffled micro-batches of shape (micro_batch, seq_len + 1), cut from
+    the rows joined into one stream that starts `offset` tokens in (by default the epoch's `epoch_offset`)."""
 
     def __init__(self, batches: Iterable, seq_len: int, micro_batch: int, seed: int, epoch: int, rank: int,
                  shuffle_buffer: int = 8192, offset: int | None = None):
@@ -63,16 +65,25 @@ class WindowStream:
         pending: list[np.ndarray] = []
         count = 0
         carry = np.empty((0, self.seq_len + 1), dtype=np.int64)
-        for batch in self._source:
-            for row in rows_of(batch):
-                w = cut_windows(row, self.seq_len, self.offset)
-                if len(w):
-                    pending.append(w)
-                    count += len(w)
+        rest = np.empty(0, dtype=np.int64)
+        for tokens in self._stream():
+            windows, rest = cut_windows(np.concatenate([rest, tokens]), self.seq_len)
+            if len(windows):
+                pending.append(windows)
+                count += len(windows)
             if count >= self.buffer_windows:
                 carry = yield from self._emit(carry, pending)
                 pending, count = [], 0
         yield from self._emit(carry, pending)
+
+    def _stream(self) -> Iterator[np.ndarray]:
+        """The worker's token stream, one source batch at a time, without its first `offset` tokens."""
+        skip = self.offset
+        for batch in self._source:
+            tokens = tokens_of(batch)
+            dropped = min(skip, len(tokens))
+            skip -= dropped
+            yield tokens[dropped:]
 
     def _emit(self, carry: np.ndarray, pending: list[np.ndarray]):
         windows = np.concatenate([carry, *pending]) if pending else carry

@@ -114,3 +114,15 @@ def write_manifest(out: Location, kind: str, source: str, splits: dict, **fields
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source, **fields,
                 "splits": {k: vars(v) for k, v in splits.items()}}
     out.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+def dataset_fingerprint(manifest: dict) -> str:
+    """A digest of what a dataset holds (its kind, tokenizer, and every shard's rows and checksum per split), not
+    of where it lives or when it was written: a copy moved to other storage has the same fingerprint."""
+    content = {
+        "kind": manifest.get("kind"),
+        "tokenizer": (manifest.get("tokenizer") or {}).get("sha256"),
+        "splits": {name: [[s.get("rows"), s.get("sha256")] for s in split.get("shards", [])]
+                   for name, split in sorted((manifest.get("splits") or {}).items())},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -4,6 +4,8 @@ A checkpoint folder holds, besides DeepSpeed's `<tag>/` shards:
     trainer_state.json      step, data position and world size (rank 0)
     rng/rank<N>.pt          each rank's RNG state (dropout continues exactly on resume)
     meta/                   model config, tokenizer and recipe: enough to sample from it
+
+`master_weights` reads an engine's fp32 master weights (for the export), whatever its ZeRO stage and precision.
 """
 
 from __future__ import annotations
@@ -67,6 +69,61 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
     if rank == 0:
         say(f"checkpoint_{step:08d} saved ({seconds:.1f}s)")
     return seconds
+
+
+def master_weights(engine, rank: int) -> dict | None:
+    """The model's fp32 master weights as a CPU state dict on rank 0 (None on the other ranks): under bf16/fp16 the
+    optimizer's fp32 copies, not the 16-bit weights widened; under fp32 the weights themselves.
+
+    Every rank must call it. Under ZeRO 1-3 assembling a parameter is a collective, done here one parameter at a
+    time in the same order on every rank (module.parameters()), so a ZeRO-3 model is never whole on any rank:
+    rank 0 keeps each assembled parameter on the CPU, the others drop it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module, full, copies = engine.module, {}, None
+    for p in module.parameters():  # a tied parameter once
+        value = safe_get_full_fp32_param(p)  # ZeRO 1-3 and DeepSpeed's bf16 optimizer (collective); else None
+        if value is None and hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter has no fp32 copy
+            value = _gathered(p)
+        elif value is None:  # no ZeRO: DeepSpeed's fp16/bf16 optimizers keep fp32 copies; fp32 is its own master
+            copies = _fp32_copies(engine.optimizer) if copies is None else copies
+            value = copies.get(id(p), p)
+        if rank == 0:
+            full[id(p)] = _cpu_fp32(value)
+    if rank != 0:
+        return None
+    return {name: full[id(t)] if id(t) in full else _cpu_fp32(t)
+            for name, t in module.state_dict(keep_vars=True).items()}
+
+
+def _cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in fp32 on the CPU, owning its memory (never a view of the optimizer's or a gather's buffer)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def _gathered(param) -> torch.Tensor:
+    """One ZeRO-3 parameter's whole value, gathered on every rank for the duration of the copy."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return _cpu_fp32(param)
+
+
+def _fp32_copies(optimizer) -> dict[int, torch.Tensor]:
+    """DeepSpeed's optimizer wrappers without ZeRO under bf16/fp16 keep an fp32 copy of each 16-bit parameter:
+    FP16_UnfusedOptimizer one tensor per parameter, FP16_Optimizer one flat tensor per group. By parameter id."""
+    from torch._utils import _unflatten_dense_tensors
+
+    low = getattr(optimizer, "fp16_groups", None)
+    if low is None:
+        return {}
+    if hasattr(optimizer, "fp32_groups"):
+        high = optimizer.fp32_groups
+    elif hasattr(optimizer, "fp32_groups_flat"):
+        high = [_unflatten_dense_tensors(flat, group) for flat, group in zip(optimizer.fp32_groups_flat, low)]
+    else:
+        return {}
+    return {id(p): q for group, copies in zip(low, high) for p, q in zip(group, copies)}
 
 
 def start_checkpoint(cfg: dict):

@@ -23,7 +23,7 @@ from genai.data.batches import ExampleStream
 from genai.data.image_dataset import (ImageManifest, ensure_image_dataset, images_from_batch, load_image_arrays,
                                       load_image_manifest, verify_image_shards)
 from genai.data.shards import DatasetError
-from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weights
+from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weights, num_params
 from genai.sampling import EMA_FILE, EXPORT_DIR, EXPORT_INDEX, image_grid, png_bytes
 from genai.train.checkpoint import restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
@@ -202,6 +202,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     G, D = Generator(mcfg), Discriminator(mcfg)
     init_weights(G)
     init_weights(D)
+    # Counted before deepspeed.initialize, which may partition the parameters.
+    n_g, n_d = num_params(G), num_params(D)
     engines = {}
     for name, net, lr in (("generator", G, t.lr_g), ("discriminator", D, t.lr_d)):
         ds_config = cfg["ds_configs"][name]
@@ -224,9 +226,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     if checkpoint:
         restored, restore_s = restore(checkpoint, engines, rank, world, load_extra=load_ema)
         state.update(restored)
-        for engine, lr in ((g_engine, t.lr_g), (d_engine, t.lr_d)):  # the recipe's rates win over the saved ones
+        for engine, lr in ((g_engine, t.lr_g), (d_engine, t.lr_d)):  # the recipe's rates and betas win over the saved
             for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
     else:
         torch.manual_seed(t.seed + 1000 * rank)  # each rank draws its own noise
     resumed_step = state["step"]
@@ -235,7 +237,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     if checkpoint:
         logger.scalars(resumed_step, {"perf/restore_s": restore_s})
     if rank == 0 and resumed_step == 0:
-        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
         say(f"models: generator {n_g / 1e6:.2f}M, discriminator {n_d / 1e6:.2f}M parameters; {mcfg.loss} loss"
               f"{', class-conditional' if mcfg.num_classes else ''}; {world} worker(s), ZeRO-"
               f"{recipe.deepspeed.generator.zero_stage}/{recipe.deepspeed.discriminator.zero_stage}, "

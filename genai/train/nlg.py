@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -14,16 +13,17 @@ import torch
 from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
 from cluster.storage import resolve
 from genai.config import ConfigError, NLGRecipe, recipe_to_yaml
-from genai.data.batches import WindowStream, epoch_offset, windows_per_row
+from genai.data.batches import WindowStream, epoch_offset, window_count
 from genai.data.text_dataset import (DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards,
                                      worker_rows)
 from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models.gpt import GPT, GPTConfig, generate
-from genai.sampling import EXPORT_DIR, EXPORT_INDEX
-from genai.train.checkpoint import restore, save_and_report, start_checkpoint
+from genai.export import write_gpt_export
+from genai.sampling import EXPORT_DIR
+from genai.train.checkpoint import master_weights, restore, save_and_report, start_checkpoint
 from genai.train.interrupt import StopFlag
 from genai.train.schedule import warmup_cosine
-from genai.train.steps import lm_step, run_epochs
+from genai.train.steps import lm_step, run_epochs, set_tf32, to_device
 from genai.train.tracking import RunLogger, say
 from genai.train.worker import EpochRows, init_worker
 
@@ -51,8 +51,7 @@ class NLGPlan:
             "ds_config": self.ds_config,
             "data_uri": self.data_uri,
             "run_uri": run_uri,
-            "chunk_tokens": self.manifest.chunk_tokens,
-            "train_full_rows": self.manifest.min_full_rows("train", self.recipe.cluster.num_workers),
+            "train_worker_tokens": self.manifest.min_tokens_per_worker("train", self.recipe.cluster.num_workers),
             "val_shards": self.manifest.shard_uris("val"),
         }
 
@@ -65,11 +64,17 @@ class NLGPlan:
         verify_shards(self.manifest)
 
 
-def steps_per_epoch(full_rows: int, chunk_tokens: int, seq_len: int, micro_batch: int, grad_accum: int,
-                    seed: int, epoch: int) -> int:
-    """Optimizer steps every worker takes in `epoch` (each worker is guaranteed this many windows)."""
-    windows = full_rows * windows_per_row(chunk_tokens, seq_len, epoch_offset(seed, epoch, seq_len))
+def steps_per_epoch(worker_tokens: int, seq_len: int, micro_batch: int, grad_accum: int, seed: int,
+                    epoch: int) -> int:
+    """Optimizer steps every worker takes in `epoch`: the whole steps of windows that `worker_tokens` (the
+    tokens each worker is guaranteed, `TextManifest.min_tokens_per_worker`) yield after the epoch's offset."""
+    windows = window_count(worker_tokens, seq_len, epoch_offset(seed, epoch, seq_len))
     return windows // (micro_batch * grad_accum)
+
+
+def worst_steps_per_epoch(worker_tokens: int, seq_len: int, micro_batch: int, grad_accum: int) -> int:
+    """The fewest steps any epoch can have: its offset at the largest value epoch_offset draws."""
+    return window_count(worker_tokens, seq_len, seq_len - 1) // (micro_batch * grad_accum)
 
 
 def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
@@ -83,20 +88,19 @@ def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
     seq_len = recipe.seq_len
-    if seq_len + 1 > manifest.chunk_tokens // 2:
-        raise ConfigError(
-            f"train.seq_len={seq_len} needs dataset rows of at least {2 * (seq_len + 1)} tokens; {data_uri} has "
-            f"{manifest.chunk_tokens} (re-prepare it with --chunk-tokens {4 * (seq_len + 1)})")
-    full_rows = manifest.min_full_rows("train", c.num_workers)
-    worst = min(steps_per_epoch(full_rows, manifest.chunk_tokens, seq_len, t.micro_batch_size, t.grad_accum,
-                                t.seed, e) for e in range(8))
-    if worst < 1:
+    # Windows cross rows, so the row size bounds nothing: each worker needs the tokens of one step, in every epoch.
+    worker_tokens = manifest.min_tokens_per_worker("train", c.num_workers)
+    if worst_steps_per_epoch(worker_tokens, seq_len, t.micro_batch_size, t.grad_accum) < 1:
         raise DatasetError(
             f"{data_uri}: {manifest.splits['train'].tokens} training tokens are too few for {c.num_workers} worker(s) x "
-            f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x seq_len={seq_len}")
-    val_rows = manifest.splits["val"].rows // c.num_workers
-    if val_rows < 1:
-        raise DatasetError(f"{data_uri}: the validation split has fewer rows than cluster.num_workers={c.num_workers}")
+            f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x seq_len={seq_len} "
+            f"(each worker is guaranteed {worker_tokens} tokens; one step needs "
+            f"{t.micro_batch_size * t.grad_accum * seq_len + seq_len})")
+    val_windows = window_count(manifest.min_tokens_per_worker("val", c.num_workers), seq_len, 0)
+    if val_windows < t.micro_batch_size:
+        raise DatasetError(
+            f"{data_uri}: the validation split gives each of {c.num_workers} worker(s) {val_windows} window(s) of "
+            f"seq_len={seq_len}, fewer than one micro-batch (train.micro_batch_size={t.micro_batch_size})")
     model_config = GPTConfig(vocab_size=vocab, block_size=recipe.model.block_size, n_layer=recipe.model.n_layer,
                              n_head=recipe.model.n_head, n_embd=recipe.model.n_embd, dropout=recipe.model.dropout,
                              bias=recipe.model.bias)
@@ -133,29 +137,15 @@ def _val_batches(shard_uris: list[str], seq_len: int, micro_batch: int, n: int, 
     return out
 
 
-def export_model(engine, model_config: GPTConfig, run_uri: str, data_uri: str, recipe_yaml: str,
-                 zero_stage: int, rank: int) -> None:
-    """Write `<run>/export/`: fp32 weights, model config, tokenizer and recipe; the index file last."""
-    import deepspeed
-
-    module = engine.module
-    params = list(module.parameters())
-    state = None
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
-        if rank == 0:
-            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+def export_model(engine, model_config: GPTConfig, run_uri: str, data_uri: str, recipe_yaml: str, rank: int) -> None:
+    """Write `<run>/export/` (genai/export.py: our safetensors weights, model config, tokenizer, recipe, and the
+    Hugging Face copy in hf/) from the fp32 master weights. Every rank calls it (assembling the weights is
+    collective); rank 0 writes."""
+    state = master_weights(engine, rank)
     if rank != 0:
         return
-    out = resolve(run_uri).join(EXPORT_DIR)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    out.join("model.pt").write_bytes(buf.getvalue())
-    out.join("model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
-    out.join(TOKENIZER_FILE).write_bytes(resolve(data_uri).join(TOKENIZER_FILE).read_bytes())
-    out.join("recipe.yaml").write_text(recipe_yaml)
-    out.join(EXPORT_INDEX).write_text(json.dumps(
-        {"kind": "gpt", "weights": "model.pt", "model_config": "model_config.json", "tokenizer": TOKENIZER_FILE,
-         "recipe": "recipe.yaml", "dtype": "float32"}, indent=2))
+    tokenizer_json = resolve(data_uri).join(TOKENIZER_FILE).read_text()
+    write_gpt_export(resolve(run_uri).join(EXPORT_DIR), state, model_config, tokenizer_json, recipe_yaml)
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -168,10 +158,14 @@ def train_loop_per_worker(cfg: dict) -> None:
     t, c = recipe.train, recipe.cluster
     rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
     train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=4)
+    set_tf32(t.tf32, device)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model_config = GPTConfig(**cfg["model_config"])
-    model = GPT(model_config)
+    model = GPT(model_config, activation_checkpointing=recipe.model.activation_checkpointing,
+                loss_chunk_tokens=recipe.model.loss_chunk_tokens)
+    # Counted before deepspeed.initialize: ZeRO-3 partitions the parameters (numel() is 0 afterwards).
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(recipe.seq_len)
     ds_config = cfg["ds_config"]
     groups = model.optimizer_groups(t.weight_decay)
     optimizer = None
@@ -181,6 +175,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         config=ds_config, lr_scheduler=_lr_scheduler(t, min_lr, t.lr_decay_steps or t.max_steps))
+    if t.compile:
+        engine.compile()  # compiles the module in place: checkpoints keep its parameter names
     torch.manual_seed(t.seed + 1000 * rank)  # dropout differs across ranks
 
     seq_len, micro, accum = recipe.seq_len, t.micro_batch_size, t.grad_accum
@@ -189,19 +185,20 @@ def train_loop_per_worker(cfg: dict) -> None:
     if checkpoint:
         restored, restore_s = restore(checkpoint, {"model": engine}, rank, world)
         state.update(restored)
-        # The recipe's schedule wins over the saved one (a PBT trial may continue with another train.lr).
+        # The recipe's schedule and AdamW settings win over the saved ones (a PBT trial may continue with another
+        # train.lr); the groups are optimizer_groups' (decayed, not decayed).
         sched = engine.lr_scheduler
         sched.base_lrs = [t.lr] * len(sched.base_lrs)
-        for group, fn in zip(engine.optimizer.param_groups, sched.lr_lambdas):
+        for group, fn, decay in zip(engine.optimizer.param_groups, sched.lr_lambdas, (t.weight_decay, 0.0)):
             group["initial_lr"], group["lr"] = t.lr, t.lr * fn(sched.last_epoch)
+            group["betas"], group["weight_decay"] = (t.beta1, t.beta2), decay
     resumed_step = state["step"]
 
     logger = RunLogger(cfg["run_uri"], rank, resumed_step, t.max_steps)
     if checkpoint:
         logger.scalars(resumed_step, {"perf/restore_s": restore_s})
     if rank == 0 and resumed_step == 0:
-        n = model.num_params()
-        say(f"model: {n / 1e6:.2f}M parameters, {model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
+        say(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
               f"{world} worker(s), ZeRO-{recipe.deepspeed.zero_stage}, "
               f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}")
     recipe_yaml = recipe_to_yaml(recipe)
@@ -226,7 +223,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         total = torch.zeros((), device=device)
         with torch.no_grad():
             for b in val_batches:
-                b = torch.from_numpy(b).to(device)
+                b = to_device(b, device, t.pin_memory)
                 total += engine(b[:, :-1], b[:, 1:])[1].float()
         engine.train()
         dist.all_reduce(total)
@@ -250,7 +247,6 @@ def train_loop_per_worker(cfg: dict) -> None:
         engine.train()
         return tok.decode(out[0].tolist())
 
-    flops_per_token = model.flops_per_token(seq_len)
     peak = _peak_flops(t, device)
     tokens_per_step = micro * accum * world * seq_len
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -302,16 +298,17 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     def train_step(batches) -> None:
         nonlocal loss_sum, loss_count, steps_timed
-        loss_sum += lm_step(engine, batches, accum, device)
+        loss_sum += lm_step(engine, batches, accum, device, t.pin_memory)
         loss_count += accum
         state["tokens"] += tokens_per_step
         steps_timed += 1
 
     def open_epoch(epoch: int) -> WindowStream:
-        return WindowStream(train_rows.epoch(), seq_len, micro, t.seed, epoch, rank, recipe.data.shuffle_buffer_windows)
+        return WindowStream(train_rows.epoch(), seq_len, micro, t.seed, epoch, rank,
+                            recipe.data.shuffle_buffer_windows)
 
     def epoch_steps(epoch: int) -> int:
-        return steps_per_epoch(cfg["train_full_rows"], cfg["chunk_tokens"], seq_len, micro, accum, t.seed, epoch)
+        return steps_per_epoch(cfg["train_worker_tokens"], seq_len, micro, accum, t.seed, epoch)
 
     stopped = run_epochs(state, t.max_steps, epoch_steps, open_epoch, accum, train_step, at_step_end,
                          StopFlag(cfg["run_uri"], rank, device, t.log_interval).requested)
@@ -325,8 +322,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             say(f"run already complete at step {resumed_step}; refreshing the export")
         ray.train.report({"step": resumed_step, "epoch": state["epoch"], "tokens": state["tokens"],
                           "val_loss": evaluate()})
-    export_model(engine, model_config, cfg["run_uri"], cfg["data_uri"], recipe_yaml,
-                 recipe.deepspeed.zero_stage, rank)
+    export_model(engine, model_config, cfg["run_uri"], cfg["data_uri"], recipe_yaml, rank)
     logger.close()
     if rank == 0:
         say(f"exported the model to {resolve(cfg['run_uri']).join(EXPORT_DIR).uri}")

@@ -13,12 +13,27 @@ import torch
 from genai.models.gan import GANConfig, d_loss, g_loss, gradient_penalty
 
 
-def lm_step(engine, batches: Iterator, grad_accum: int, device: torch.device) -> torch.Tensor:
-    """`grad_accum` micro-batches of (batch, seq_len + 1) token windows; returns the summed loss (a tensor)."""
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """fp32 matrix products on TF32 tensor cores (`train.tf32`) or at full fp32 precision, on GPU; CPU untouched."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+def to_device(batch, device: torch.device, pin_memory: bool = False) -> torch.Tensor:
+    """A batch (numpy array or tensor) on `device`. With `pin_memory` on GPU it is first copied into page-locked
+    host memory, from which the copy to the device is truly asynchronous (from pageable memory it is not)."""
+    b = torch.from_numpy(batch) if not isinstance(batch, torch.Tensor) else batch
+    if pin_memory and device.type == "cuda" and b.device.type == "cpu":
+        b = b.pin_memory()
+    return b.to(device, non_blocking=True)
+
+
+def lm_step(engine, batches: Iterator, grad_accum: int, device: torch.device, pin_memory: bool = False) -> torch.Tensor:
+    """`grad_accum` micro-batches of (batch, seq_len + 1) token windows; returns the summed loss (a tensor).
+    `pin_memory`: copy batches to a GPU through pinned host memory (to_device)."""
     total = torch.zeros((), device=device)
     for _ in range(grad_accum):
-        b = next(batches)
-        b = (torch.from_numpy(b) if not isinstance(b, torch.Tensor) else b).to(device, non_blocking=True)
+        b = to_device(next(batches), device, pin_memory)
         _, loss = engine(b[:, :-1], b[:, 1:])
         engine.backward(loss)
         engine.step()
