@@ -41,48 +41,48 @@ def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
-def test_two_nodes_join_take_work_and_down_stops_every_process(tmp_path):
-    root, out = Path(f"/tmp/genai-lc-{os.getpid()}"), tmp_path / "out.txt"
-    cli = start_cli(root, out, "--nodes", "2", "--cpus-per-node", "1")
-    procs = []
-    try:
-        wait_for_text(out, "Ctrl-C (or --down) stops it", cli, timeout=180)
-        env = exports(out.read_text())
-        port = int(env["RAY_ADDRESS"].rsplit(":", 1)[1])
-        procs = descendants(cli.pid)
-        assert sum(p.name() == "raylet" for p in procs) == 2  # two raylets: two nodes
-        seen = subprocess.run([sys.executable, "-c", NODES_SEEN], env=dict(os.environ, **env), cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert seen.returncode == 0, seen.stderr[-3000:]
-        assert json.loads(seen.stdout.strip().splitlines()[-1]) == [1.0, 1.0]
-
-        down = subprocess.run([sys.executable, "-m", "cluster.localcluster", "--dir", str(root), "--down"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
-        assert cli.wait(timeout=60) == 128 + signal.SIGTERM
-        wait_until(lambda: all(gone(p) for p in procs), 30, "every Ray process of the cluster gone")
-        assert port_is_free(port)
-        again = subprocess.run([sys.executable, "-m", "cluster.localcluster", "--dir", str(root), "--down"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert "no cluster is running" in again.stdout
-    finally:
-        cli.kill()
-        kill_leftovers(procs)
-        subprocess.run(["rm", "-rf", str(root)])
-
-
-def test_a_cluster_whose_cli_is_killed_goes_down_with_it(tmp_path):
+@pytest.fixture
+def two_nodes(tmp_path):
+    """(cli, root, out): `python -m cluster.localcluster --nodes 2` up; whatever it leaves is killed afterwards."""
     root, out = Path(f"/tmp/genai-lc-{os.getpid()}"), tmp_path / "out.txt"
     cli = start_cli(root, out, "--nodes", "2", "--cpus-per-node", "1")
     procs = []
     try:
         wait_for_text(out, "Ctrl-C (or --down) stops it", cli, timeout=180)
         procs = descendants(cli.pid)
-        assert procs
-        cli.send_signal(signal.SIGKILL)  # no Python code of the CLI runs: the nodes' death signal does it
-        cli.wait()
-        wait_until(lambda: all(gone(p) for p in procs), 60, "every Ray process gone after SIGKILL to the CLI")
+        yield cli, root, out
     finally:
         cli.kill()
         kill_leftovers(procs)
         subprocess.run(["rm", "-rf", str(root)])
+
+
+def test_two_nodes_join_take_work_and_down_stops_every_process(two_nodes):
+    cli, root, out = two_nodes
+    env = exports(out.read_text())
+    port = int(env["RAY_ADDRESS"].rsplit(":", 1)[1])
+    procs = descendants(cli.pid)
+    assert sum(p.name() == "raylet" for p in procs) == 2  # two raylets: two nodes
+    seen = subprocess.run([sys.executable, "-c", NODES_SEEN], env=dict(os.environ, **env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    assert json.loads(seen.stdout.strip().splitlines()[-1]) == [1.0, 1.0]
+
+    down = subprocess.run([sys.executable, "-m", "cluster.localcluster", "--dir", str(root), "--down"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+    wait_until(lambda: all(gone(p) for p in procs), 30, "every Ray process of the cluster gone")
+    assert port_is_free(port)
+    again = subprocess.run([sys.executable, "-m", "cluster.localcluster", "--dir", str(root), "--down"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "no cluster is running" in again.stdout
+
+
+def test_a_cluster_whose_cli_is_killed_goes_down_with_it(two_nodes):
+    cli, _, _ = two_nodes
+    procs = descendants(cli.pid)
+    assert procs
+    cli.send_signal(signal.SIGKILL)  # no Python code of the CLI runs: the nodes' death signal does it
+    cli.wait()
+    wait_until(lambda: all(gone(p) for p in procs), 60, "every Ray process gone after SIGKILL to the CLI")
