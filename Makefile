@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/bench_gan.py
 	$(PY) benchmarks/bench_tune.py
 	$(PY) benchmarks/bench_system.py
+	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -166,6 +166,17 @@ def system_rows(r: dict) -> list[list[str]]:
     return rows
 
 
+def generate_rows(r: dict) -> list[list[str]]:
+    machine, rows = f"{r['machine']}, medians of {r['repeats']}", []
+    for g in r["rows"]:
+        fits = g["case"] == "fits"
+        bar = f"≥ 3: {verdict(g['speedup'] >= 3)}" if fits else "-"
+        rows.append([f"greedy generation tokens/s, {g['arch']} at demo widths, context {g['context']}, prompt "
+                     f"{g['prompt_tokens']} + {g['new_tokens']} new ({g['case']})", spread(g, "cached_tokens_per_s"),
+                     f"{spread(g, 'plain_tokens_per_s')} (no KV cache)", f"{g['speedup']:.2f}", bar, machine])
+    return rows
+
+
 def main() -> None:
     import argparse
 
@@ -176,6 +187,7 @@ def main() -> None:
                 ("GAN (benchmarks/bench_gan.py)", "gan", gan_rows),
                 ("Sweeps (benchmarks/bench_tune.py)", "tune", tune_rows),
                 ("Checkpoints, start-up and scaling (benchmarks/bench_system.py)", "system", system_rows),
+                ("Generation with the KV cache (benchmarks/bench_generate.py)", "generate", generate_rows),
                 ("One GPU, no Ray (benchmarks/gpu_check.py)", "gpu_check", gpu_rows)]
     lines = ["# Benchmark results", "",
              f"Written by `benchmarks/report.py` on {time.strftime('%Y-%m-%d')} from `benchmarks/out/*.json` "

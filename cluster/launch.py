@@ -39,13 +39,16 @@ def parquet_datasets(shards: dict[str, list[str]]) -> dict:
     return datasets
 
 
-def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float):
+def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, placement: str = "pack"):
+    """Ray Train's ScalingConfig; `placement` pack|spread is the workers' placement group strategy (PACK or
+    SPREAD: both best effort, unlike STRICT_*, so a run still starts on fewer nodes than workers)."""
     from ray.train import ScalingConfig
 
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                         placement_strategy=placement.upper())
 
 
 class ResourceError(ValueError):
@@ -96,7 +99,7 @@ def wait_for_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, *, datasets: dict, num_workers: int, use_gpu: bool,
         cpus_per_worker: float, storage: str, name: str, max_failures: int, keep_checkpoints: int | None,
-        callbacks: list | None = None):
+        callbacks: list | None = None, placement: str = "pack"):
     """Run `train_fn` on `num_workers` Ray Train workers and return Ray's Result.
 
     Rerunning with the same storage and name resumes from the run's latest checkpoint.
@@ -110,7 +113,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, *, datasets: dict, 
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
-        scaling_config=scaling_config(num_workers, use_gpu, cpus_per_worker),
+        scaling_config=scaling_config(num_workers, use_gpu, cpus_per_worker, placement),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -56,6 +56,7 @@ class LocalCluster:
     root: str
     nodes: int = 1
     cpus_per_node: float = 2
+    head_cpus: float | None = None  # None: cpus_per_node; 0 keeps work off the head, as on most real clusters
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     dashboard_port: int = 0
@@ -90,8 +91,8 @@ class LocalCluster:
     def add_node(self, timeout: float = 120) -> Node:
         """Start the head (first call) or one more worker node, and wait until it has joined."""
         i = len(self.members)
-        common = [f"--num-cpus={self.cpus_per_node:g}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                  "--block"]
+        cpus = self.head_cpus if i == 0 and self.head_cpus is not None else self.cpus_per_node
+        common = [f"--num-cpus={cpus:g}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
         if i == 0:
             args = ["--head", f"--port={self.port}", f"--temp-dir={os.path.abspath(self.root)}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
@@ -101,7 +102,7 @@ class LocalCluster:
                     f"--max-worker-port={20000 + 2000 * i + 1999}", f"--metrics-export-port={free_port()}",
                     f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                     f"--runtime-env-agent-port={free_port()}"]
-        node = Node(i, self.cpus_per_node, os.path.join(self.root, f"node-{i}.log"))
+        node = Node(i, cpus, os.path.join(self.root, f"node-{i}.log"))
         env = dict(os.environ, **DRIVER_ENV_DEFAULTS, **worker_env(), **self.env,
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # a stop here means stop now
                    RAY_AUTH_MODE="token")  # the head's default; a joining node must say so to present the token
@@ -168,6 +169,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=2, help="head + this many minus one worker nodes")
     p.add_argument("--cpus-per-node", type=float, default=2, help="logical CPUs each node offers Ray")
+    p.add_argument("--head-cpus", type=float, help="logical CPUs of the head (default: --cpus-per-node; 0 keeps "
+                   "training workers and data tasks on the worker nodes)")
     p.add_argument("--dir", default="/tmp/genai-localcluster", help="Ray's temp dir and the nodes' logs")
     p.add_argument("--object-store", action="store_true",
                    help="also start a local S3 server (SeaweedFS, buckets datasets and runs) that every node uses")
@@ -180,7 +183,7 @@ def main() -> None:
     if args.nodes < 1:
         p.error(f"--nodes {args.nodes}: at least 1 (the head)")
     store = ObjectStore(os.path.join(root, "s3"), ["datasets", "runs"]) if args.object_store else None
-    cluster = LocalCluster(root, args.nodes, args.cpus_per_node)
+    cluster = LocalCluster(root, args.nodes, args.cpus_per_node, head_cpus=args.head_cpus)
 
     def stop() -> None:
         cluster.stop()
@@ -191,7 +194,8 @@ def main() -> None:
         if store:
             cluster.env = store.start().env()
         cluster.start()
-        print(f"# a Ray cluster of {args.nodes} node(s) x {args.cpus_per_node:g} CPUs is up. In another shell:")
+        cpus = " + ".join(f"{n.cpus:g}" for n in cluster.members)
+        print(f"# a Ray cluster of {args.nodes} node(s) ({cpus} CPUs, head first) is up. In another shell:")
         for k, v in {**cluster.client_env(), **cluster.env}.items():
             print(f"export {k}={v}")
         print(f"# dashboard {cluster.dashboard_url}; logs in {root}; Ctrl-C (or --down) stops it", flush=True)

@@ -64,13 +64,23 @@ class ProgressDisplay:
         self.live = self.stream.isatty()
         self.bar = None
         self._t0 = self._step0 = None
+        self._last = None  # the last step reported
 
     def show(self, messages: list[tuple]) -> None:
+        """("progress", step, total, parts), ("line", text) or ("resumed", step, text)."""
         for message in messages:
             if message[0] == "progress":
                 self._progress(*message[1:])
+            elif message[0] == "resumed":
+                self._resumed(*message[1:])
             else:
                 self.line(message[1])
+
+    def _resumed(self, step: int, text: str) -> None:
+        self.line(text)
+        if self._last is not None and self._last > step:  # a restart (a lost worker or node) of this run
+            self.line(f"the workers restarted from the checkpoint of step {step}: steps {step + 1}-{self._last} "
+                      "(at least; the last reported) are trained again")
 
     def line(self, text: str) -> None:
         if self.bar is not None:
@@ -79,6 +89,7 @@ class ProgressDisplay:
             print(text, file=self.stream, flush=True)
 
     def _progress(self, step: int, total: int, parts: dict[str, str]) -> None:
+        self._last = step
         if self._t0 is None or step < self._step0:  # first report, or a restart from an earlier checkpoint
             self._t0, self._step0 = time.monotonic(), step
             if self.bar is not None:

@@ -88,15 +88,30 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Decoder-only transformer shape."""
 
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description=(
+        "Architecture: gpt2 (learned positions, LayerNorm, GELU MLP, tied embeddings; genai/models/gpt.py) or llama "
+        "(rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases; genai/models/llama.py). The "
+        "fields marked 'llama' apply to it only."))
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention heads per block.")
     n_embd: int = Field(128, ge=1, description="Residual stream width; divisible by n_head.")
     block_size: int = Field(64, ge=2, description="Context length: the most positions the model can attend over.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
-    bias: bool = Field(False, description="Bias terms in Linear and LayerNorm layers (GPT-2 uses them).")
+    bias: bool = Field(False, description="gpt2: bias terms in Linear and LayerNorm layers (GPT-2 uses them; llama has none).")
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size; null takes the dataset's tokenizer size (rounded up to a multiple of 64)."
     )
+    n_kv_head: int | None = Field(None, ge=1, description=(
+        "llama: key/value heads, shared by groups of query heads (grouped-query attention); n_head must be a "
+        "multiple. Null: n_head (multi-head attention)."))
+    intermediate_size: int | None = Field(None, ge=1, description=(
+        "llama: hidden width of the SwiGLU MLP. Null: 8/3 x n_embd rounded up to a multiple of 64 (about the "
+        "parameters of GPT-2's 4 x n_embd MLP)."))
+    rope_theta: float | None = Field(None, gt=0, description="llama: base of the rotary embedding's frequencies. Null: 10000.")
+    rms_norm_eps: float | None = Field(None, gt=0, description="llama: epsilon of RMSNorm. Null: 1e-5.")
+    tie_embeddings: bool = Field(True, description=(
+        "Share the output head's weights with the token embeddings. gpt2 always does; llama may not (false: "
+        "a separate head of vocab_size x n_embd parameters)."))
     activation_checkpointing: bool = Field(False, description=(
         "Recompute each transformer block's activations in the backward pass instead of keeping them "
         "(torch.utils.checkpoint): less memory for about a third more compute; the same loss and gradients."))
@@ -109,6 +124,23 @@ class ModelConfig(_Section):
     def _heads_divide_width(self) -> "ModelConfig":
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.arch == "gpt2":
+            for name in ("n_kv_head", "intermediate_size", "rope_theta", "rms_norm_eps"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"model.{name}={getattr(self, name)} applies to model.arch=llama only (this "
+                                     "recipe's model.arch is gpt2); remove it or set it to null")
+            if not self.tie_embeddings:
+                raise ValueError("model.tie_embeddings=false needs model.arch=llama (GPT-2 ties its output head to "
+                                 "the token embeddings)")
+            return self
+        if self.bias:
+            raise ValueError("model.bias=true: model.arch=llama has no biases")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head} (each "
+                             "key/value head serves the same number of query heads)")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"model.n_embd / model.n_head = {self.n_embd // self.n_head} is odd: rotary embeddings "
+                             "(model.arch=llama) rotate pairs of a head's dimensions")
         return self
 
 
@@ -220,6 +252,10 @@ class ClusterConfig(_Section):
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed; leave some for Ray Data).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; null: as many as cpus_per_worker (at least 1).")
+    placement: Literal["pack", "spread"] = Field("pack", description=(
+        "Where Ray puts the workers: pack (fill one node, then the next: the fastest collectives) or spread (one "
+        "per node where the nodes allow it: each node's memory and network, fewer workers lost with a node). "
+        "Best effort: workers are packed when there are fewer nodes than workers."))
     resource_wait_s: float = Field(600, ge=0, description="On a Ray cluster (RAY_ADDRESS): how long to wait for room for the workers (an autoscaler adding nodes) before failing; the embedded local Ray fails at once.")
     storage: str = Field("~/genai-runs", description="Where runs (checkpoints, TensorBoard, exports) live: a folder or URI.")
     run_name: PathName | None = Field(None, description=(

@@ -1,11 +1,11 @@
 """The export of a GPT run, `<run>/export/`, written by rank 0 at the end of training (no Ray, no DeepSpeed here):
 
-    model.safetensors    fp32 weights under our parameter names (the tied lm_head stored once, as wte)
-    model_config.json    GPTConfig
+    model.safetensors    fp32 weights under our parameter names (a tied lm_head stored once, as wte)
+    model_config.json    GPTConfig or LlamaConfig (its "arch" key; none for GPT-2)
     tokenizer.json       our tokenizer (genai/data/tokenizers.py)
     recipe.yaml          the recipe it was trained with
-    hf/                  the same model for Hugging Face transformers (GPT2LMHeadModel): config.json,
-                         generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+    hf/                  the same model for Hugging Face transformers (GPT2LMHeadModel or LlamaForCausalLM):
+                         config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
                          special_tokens_map.json
     export.json          the index naming the files, written last (genai/sampling.py reads the export through it)
 """
@@ -20,8 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from cluster.storage import Location
 from genai.data.hf_tokenizer import hf_tokenizer_files
 from genai.data.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
-from genai.models.gpt import GPTConfig
-from genai.models.hf_gpt2 import hf_config, to_hf_state_dict
+from genai.models import DecoderConfig, hf_mapping
 from genai.sampling import EXPORT_INDEX
 
 WEIGHTS_FILE = "model.safetensors"
@@ -31,11 +30,11 @@ LEGACY_WEIGHTS_FILE = "model.pt"  # exports written before the move to safetenso
 _SAFETENSORS_METADATA = {"format": "pt"}
 
 
-def write_gpt_export(out: Location, state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_json: str,
+def write_gpt_export(out: Location, state: dict[str, torch.Tensor], cfg: DecoderConfig, tokenizer_json: str,
                      recipe_yaml: str) -> None:
     """Write a GPT export into `out` from fp32 weights under our names; the index file last, so that a reader never
     takes a half-written export for a finished one."""
-    out.join(WEIGHTS_FILE).write_bytes(weights_bytes(_untied(state)))
+    out.join(WEIGHTS_FILE).write_bytes(weights_bytes(_untied(state, cfg)))
     out.join("model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     out.join(TOKENIZER_FILE).write_text(tokenizer_json)
     out.join("recipe.yaml").write_text(recipe_yaml)
@@ -46,20 +45,20 @@ def write_gpt_export(out: Location, state: dict[str, torch.Tensor], cfg: GPTConf
     out.join(LEGACY_WEIGHTS_FILE).delete()  # a refreshed old export: the index no longer names it
 
 
-def write_hf_export(out: Location, state: dict[str, torch.Tensor], cfg: GPTConfig, tok: Tokenizer) -> None:
+def write_hf_export(out: Location, state: dict[str, torch.Tensor], cfg: DecoderConfig, tok: Tokenizer) -> None:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load."""
-    eot = tok.eot_id
-    out.join("model.safetensors").write_bytes(weights_bytes(to_hf_state_dict(state, cfg)))
+    eot, hf = tok.eot_id, hf_mapping(cfg.arch)
+    out.join("model.safetensors").write_bytes(weights_bytes(hf.to_hf_state_dict(state, cfg)))
     out.join("config.json").write_text(json.dumps(
-        hf_config(cfg, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot), indent=2))
+        hf.hf_config(cfg, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot), indent=2))
     out.join("generation_config.json").write_text(json.dumps(generation_config(cfg, tok), indent=2))
     for name, text in hf_tokenizer_files(tok, cfg.block_size).items():
         out.join(name).write_text(text)
 
 
-def generation_config(cfg: GPTConfig, tok: Tokenizer) -> dict:
+def generation_config(cfg: DecoderConfig, tok: Tokenizer) -> dict:
     """transformers' generation defaults for the export. The ids of a padded embedding table that the tokenizer
-    never produces are suppressed, as genai.models.gpt.generate masks them, so greedy decoding picks the same
+    never produces are suppressed, as genai.models.decoder.generate masks them, so greedy decoding picks the same
     tokens in both."""
     config = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
     padding = list(range(tok.vocab_size, cfg.vocab_size))
@@ -71,7 +70,7 @@ def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return safetensors_bytes({k: v.contiguous() for k, v in state.items()}, metadata=_SAFETENSORS_METADATA)
 
 
-def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Without the output head tied to the token embeddings: safetensors stores no shared tensors, and loading
-    ties it again (genai/sampling.py)."""
-    return {k: v for k, v in state.items() if k != "lm_head.weight"}
+def _untied(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """Without an output head tied to the token embeddings: safetensors stores no shared tensors, and loading
+    ties it again (genai/sampling.py). An untied head is a weight of its own and stays."""
+    return {k: v for k, v in state.items() if k != "lm_head.weight" or not cfg.tie_embeddings}

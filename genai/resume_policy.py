@@ -31,6 +31,7 @@ _CLUSTER = {
     "cluster.use_gpu": FREE,
     "cluster.cpus_per_worker": FREE,
     "cluster.torch_threads": FREE,
+    "cluster.placement": FREE,
     "cluster.resource_wait_s": FREE,
     "cluster.storage": FREE,
     "cluster.run_name": FREE,
@@ -61,6 +62,12 @@ POLICY: dict[str, dict[str, str]] = {
         "model.dropout": HPARAM,
         "model.bias": FIXED,
         "model.vocab_size": FIXED,
+        "model.arch": FIXED,
+        "model.n_kv_head": FIXED,
+        "model.intermediate_size": FIXED,
+        "model.rope_theta": FIXED,
+        "model.rms_norm_eps": FIXED,
+        "model.tie_embeddings": FIXED,
         "model.activation_checkpointing": FREE,  # how the backward pass gets activations, not what it computes
         "model.loss_chunk_tokens": FREE,  # the same loss, a chunk of logits at a time
         "data.uri": DATASET,

@@ -20,7 +20,7 @@ from safetensors.torch import load as safetensors_load
 
 from cluster.storage import Location, StorageError, resolve
 from genai.data.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
-from genai.models.gpt import GPT, GPTConfig, generate
+from genai.models import DecoderLM, build_model, config_from_dict, generate
 from genai.train.checkpoint import TRAINER_STATE
 
 EXPORT_DIR = "export"
@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: GPT
+    model: DecoderLM  # GPT or Llama
     tokenizer: Tokenizer
     source: str  # the export or checkpoint actually loaded
     step: int | None
@@ -137,7 +137,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     kind, loc = find_model_source(uri)
     if kind == "export":
         index = json.loads(loc.join(EXPORT_INDEX).read_text())
-        cfg = GPTConfig(**json.loads(loc.join(index["model_config"]).read_text()))
+        cfg = config_from_dict(json.loads(loc.join(index["model_config"]).read_text()))
         state = read_weights(loc.join(index["weights"]))
         tok = tokenizer_from_json(loc.join(index["tokenizer"]).read_text())
         step = None
@@ -148,16 +148,16 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
                 tstate = json.load(f)
             meta = os.path.join(local, "meta")
             with open(os.path.join(meta, "model_config.json")) as f:
-                cfg = GPTConfig(**json.load(f))
+                cfg = config_from_dict(json.load(f))
             with open(os.path.join(meta, "recipe.yaml")) as f:
                 zero_stage = yaml.safe_load(f)["deepspeed"]["zero_stage"]
             with open(os.path.join(meta, TOKENIZER_FILE)) as f:
                 tok = tokenizer_from_json(f.read())
             state = _consolidate(local, tstate["tags"]["model"], zero_stage)
             step = tstate["step"]
-    model = GPT(cfg)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # lm_head is tied to wte
+    if unexpected or [k for k in missing if k != "lm_head.weight" or not cfg.tie_embeddings]:  # tied to wte
         raise CheckpointError(f"{loc.uri}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     return LoadedModel(model.to(device).eval(), tok, loc.uri, step)
 

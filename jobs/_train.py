@@ -11,6 +11,7 @@ import yaml
 
 from cluster.launch import (call_in_thread, error_cause, fit, parquet_datasets, run_location, run_name_default,
                             wait_for_resources)
+from cluster.processes import STOP_SIGNALS
 from cluster.progress import ProgressChannel, ProgressDisplay
 from cluster.ray_env import connect
 from cluster.storage import StorageError
@@ -128,14 +129,15 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
               "(send it again to abort at once)", flush=True)
         request_stop(run.uri)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}  # SIGHUP: a closed terminal
     try:
         # In a thread: signals reach the main thread only, and Ray Train replaces the SIGINT handler (with an
         # immediate abort) only when fit() runs in the main thread.
         result = call_in_thread(lambda: fit(
             train_fn, dict(plan.loop_config(run.uri), console=console), datasets=parquet_datasets(plan.dataset_uris()),
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
-            name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints),
+            name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints,
+            placement=c.placement),
             wait=(lambda: display.show(console.receive(0.2))) if console else None)
     except Exception as exc:  # Ray raises TrainingFailedError carrying the workers' errors
         return _failed(exc, run, name, plan)

@@ -64,7 +64,7 @@ def run_trial(params: dict, base: dict, trials_storage: str, keep_all_checkpoint
         lambda callbacks: fit(train_loop_per_worker, loop_config, datasets=parquet_datasets(plan.dataset_uris()),
                               num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
                               storage=trials_storage, name=run_name, max_failures=c.max_failures,
-                              keep_checkpoints=keep, callbacks=callbacks),
+                              keep_checkpoints=keep, callbacks=callbacks, placement=c.placement),
         pointer={"trial": trial, "run": run_name, "cloned_from": cloned_from})
 
 

@@ -48,6 +48,18 @@ def test_a_restarted_run_starts_the_bar_again_from_its_checkpoint():
     display.close()
 
 
+def test_a_restart_says_which_steps_are_trained_again():
+    out = io.StringIO()
+    display = ProgressDisplay(out)
+    display.show([("resumed", 0, "resumed from c0 at step 0")])  # a first resume: nothing was lost
+    display.show([("progress", 30, 40, {}), ("progress", 35, 40, {})])
+    display.show([("resumed", 20, "resumed from c20 at step 20")])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "resumed from c0 at step 0" and not any("trained again" in line for line in lines[:3])
+    assert lines[-2] == "resumed from c20 at step 20"
+    assert lines[-1].startswith("the workers restarted from the checkpoint of step 20: steps 21-35 ")
+
+
 def test_worker_slots_count_what_one_node_can_hold():
     gpu_node = {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 2.0}}
     cpu_node = {"Alive": True, "Resources": {"CPU": 4.0}}

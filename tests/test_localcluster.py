@@ -86,3 +86,25 @@ def test_a_cluster_whose_cli_is_killed_goes_down_with_it(two_nodes):
     cli.send_signal(signal.SIGKILL)  # no Python code of the CLI runs: the nodes' death signal does it
     cli.wait()
     wait_until(lambda: all(gone(p) for p in procs), 60, "every Ray process gone after SIGKILL to the CLI")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_cluster_cli_stopped_by_a_signal_stops_its_nodes_first(sig, tmp_path):
+    """Ctrl-C, a supervisor's SIGTERM or a closed terminal's SIGHUP: an orderly stop, exit 128 + the signal."""
+    root, out = Path(f"/tmp/genai-lc-{os.getpid()}-{sig.name}"), tmp_path / "out.txt"
+    cli = start_cli(root, out, "--nodes", "1", "--cpus-per-node", "1")
+    procs = []
+    try:
+        wait_for_text(out, "Ctrl-C (or --down) stops it", cli, timeout=180)
+        port = int(exports(out.read_text())["RAY_ADDRESS"].rsplit(":", 1)[1])
+        procs = descendants(cli.pid)
+        assert any(p.name() == "raylet" for p in procs)
+        cli.send_signal(sig)
+        assert cli.wait(timeout=60) == 128 + sig
+        wait_until(lambda: all(gone(p) for p in procs), 30, f"every Ray process gone after {sig.name} to the CLI")
+        assert port_is_free(port)
+        assert not (root / "cluster.json").exists()
+    finally:
+        cli.kill()
+        kill_leftovers(procs)
+        subprocess.run(["rm", "-rf", str(root)])

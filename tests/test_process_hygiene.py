@@ -4,10 +4,13 @@ session folders do not pile up."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -132,6 +135,51 @@ def test_pytest_session_stopped_mid_s3_test_leaves_no_server(sig, tmp_path):
     finally:
         session.kill()
         kill_leftovers(weeds)
+
+
+def ray_processes_of(temp_dir: str) -> list[psutil.Process]:
+    """Live processes of the embedded Ray whose temp dir is `temp_dir` (Ray's GCS, raylet, dashboard and workers
+    all name their session folder on the command line)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in arg for arg in proc.info["cmdline"] or ()) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow  # ~20 s each: an embedded Ray's start and a few training steps
+@pytest.mark.parametrize("sig", STOPS, ids=[s.name for s in STOPS])
+def test_a_training_job_takes_its_embedded_ray_down_however_it_is_stopped(sig, char_dataset, tmp_path):
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) checkpoint and stop the run; after any of them, and after a
+    SIGKILL that lets no Python run, no process of the job's embedded Ray is left."""
+    temp_dir = tempfile.mkdtemp(prefix="gh", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="", GENAI_RAY_TMPDIR=temp_dir)
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_nlg.py"), "--recipe", "tiny", "--data",
+                            char_dataset, "--storage", str(tmp_path), "--name", "r", "--set", "train.max_steps=100000",
+                            "--set", "train.log_interval=1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    procs = []
+    try:
+        lines = []
+        for line in job.stdout:
+            lines.append(line)
+            if re.search(r"step\s+2/", line):
+                break
+        procs = ray_processes_of(temp_dir)
+        assert procs, "".join(lines)[-3000:]
+        job.send_signal(sig)
+        out = "".join(lines) + job.communicate(timeout=120)[0]
+        if sig != signal.SIGKILL:
+            assert job.returncode == 130, out[-3000:]
+            assert "stopped at step" in out and "with a checkpoint" in out, out[-3000:]
+        wait_until(lambda: not ray_processes_of(temp_dir), 30, f"the embedded Ray gone after {sig.name} to the job")
+    finally:
+        job.kill()
+        kill_leftovers(procs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 PARENT = '''

@@ -94,6 +94,9 @@ def gpt_config_from_hf(config: dict, dropout: float = 0.0) -> GPTConfig:
                      n_head=config["n_head"], n_embd=n_embd, dropout=dropout, bias=True)
 
 
+config_from_hf = gpt_config_from_hf  # the name every genai/models/hf_*.py module gives it
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """Our state dict as `GPT2LMHeadModel`'s, without its tied `lm_head.weight`; zero biases where ours has none.
     Every tensor owns its memory (safetensors refuses shared or strided ones)."""
@@ -150,3 +153,4 @@ def _check_tied(state: dict) -> None:
     head, wte = state.get("lm_head.weight"), state.get("wte.weight")
     if head is not None and wte is not None and not torch.equal(head, wte):
         raise ValueError("lm_head.weight differs from the token embeddings: only tied output heads map to GPT-2")
+

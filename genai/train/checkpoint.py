@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from genai.train.tracking import say
+from genai.train.tracking import say, say_resumed
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -164,6 +164,6 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int,
             load_extra(d)
     seconds = time.perf_counter() - t0
     if rank == 0:
-        say(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, step "
-              f"{state['epoch_step']} of it) in {seconds:.1f}s")
+        say_resumed(state["step"], f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
+                    f"step {state['epoch_step']} of it) in {seconds:.1f}s")
     return state, seconds

@@ -194,7 +194,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     recipe = GANRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
-    rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
+    rank, world, device = init_worker(c.torch_threads, cfg.get("console"), cfg["run_uri"])
     train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=2)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank

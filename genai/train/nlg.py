@@ -17,7 +17,8 @@ from genai.data.batches import WindowStream, epoch_offset, window_count
 from genai.data.text_dataset import (DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards,
                                      worker_rows)
 from genai.data.tokenizers import TOKENIZER_FILE
-from genai.models.gpt import GPT, GPTConfig, generate
+from genai.models import DecoderConfig, GPTConfig, LlamaConfig, build_model, config_from_dict, generate
+from genai.models.llama import default_intermediate_size
 from genai.export import write_gpt_export
 from genai.sampling import EXPORT_DIR
 from genai.train.checkpoint import master_weights, restore, save_and_report, start_checkpoint
@@ -41,7 +42,7 @@ class NLGPlan:
     recipe: NLGRecipe
     data_uri: str
     manifest: TextManifest
-    model_config: GPTConfig
+    model_config: DecoderConfig
     ds_config: dict
 
     def loop_config(self, run_uri: str) -> dict:
@@ -101,11 +102,22 @@ def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
         raise DatasetError(
             f"{data_uri}: the validation split gives each of {c.num_workers} worker(s) {val_windows} window(s) of "
             f"seq_len={seq_len}, fewer than one micro-batch (train.micro_batch_size={t.micro_batch_size})")
-    model_config = GPTConfig(vocab_size=vocab, block_size=recipe.model.block_size, n_layer=recipe.model.n_layer,
-                             n_head=recipe.model.n_head, n_embd=recipe.model.n_embd, dropout=recipe.model.dropout,
-                             bias=recipe.model.bias)
+    model_config = decoder_config(recipe, vocab)
     ds_config = build_deepspeed_config(recipe.deepspeed, t, c.num_workers, c.use_gpu)
     return NLGPlan(recipe, data_uri, manifest, model_config, ds_config)
+
+
+def decoder_config(recipe: NLGRecipe, vocab: int) -> DecoderConfig:
+    """The model config of the recipe's `model.arch`, its nulls filled with the architecture's defaults."""
+    m = recipe.model
+    if m.arch == "gpt2":
+        return GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+    return LlamaConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                       n_kv_head=m.n_kv_head or m.n_head, n_embd=m.n_embd,
+                       intermediate_size=m.intermediate_size or default_intermediate_size(m.n_embd),
+                       rope_theta=m.rope_theta or 10000.0, rms_norm_eps=m.rms_norm_eps or 1e-5,
+                       tie_embeddings=m.tie_embeddings, dropout=m.dropout)
 
 
 def _lr_scheduler(t, lr_min: float, decay_steps: int):
@@ -137,7 +149,7 @@ def _val_batches(shard_uris: list[str], seq_len: int, micro_batch: int, n: int, 
     return out
 
 
-def export_model(engine, model_config: GPTConfig, run_uri: str, data_uri: str, recipe_yaml: str, rank: int) -> None:
+def export_model(engine, model_config: DecoderConfig, run_uri: str, data_uri: str, recipe_yaml: str, rank: int) -> None:
     """Write `<run>/export/` (genai/export.py: our safetensors weights, model config, tokenizer, recipe, and the
     Hugging Face copy in hf/) from the fp32 master weights. Every rank calls it (assembling the weights is
     collective); rank 0 writes."""
@@ -156,14 +168,14 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     recipe = NLGRecipe.model_validate(cfg["recipe"])
     t, c = recipe.train, recipe.cluster
-    rank, world, device = init_worker(c.torch_threads, cfg.get("console"))
+    rank, world, device = init_worker(c.torch_threads, cfg.get("console"), cfg["run_uri"])
     train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=4)
     set_tf32(t.tf32, device)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model_config = GPTConfig(**cfg["model_config"])
-    model = GPT(model_config, activation_checkpointing=recipe.model.activation_checkpointing,
-                loss_chunk_tokens=recipe.model.loss_chunk_tokens)
+    model_config = config_from_dict(cfg["model_config"])
+    model = build_model(model_config, activation_checkpointing=recipe.model.activation_checkpointing,
+                        loss_chunk_tokens=recipe.model.loss_chunk_tokens)
     # Counted before deepspeed.initialize: ZeRO-3 partitions the parameters (numel() is 0 afterwards).
     n_params, flops_per_token = model.num_params(), model.flops_per_token(recipe.seq_len)
     ds_config = cfg["ds_config"]

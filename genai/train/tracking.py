@@ -25,6 +25,13 @@ def say(text: str) -> None:
         _console.send("line", text)
 
 
+def say_resumed(step: int, text: str) -> None:
+    """say() for a resume from the checkpoint of `step`: the driver's console also tells what a restart lost."""
+    print(text, flush=True)
+    if _console is not None:
+        _console.send("resumed", step, text)
+
+
 class RunLogger:
     """TensorBoard scalars/text on rank 0 plus a readable progress line; a no-op on other ranks."""
 

@@ -7,11 +7,16 @@ import warnings
 import torch
 
 
-def init_worker(torch_threads: int | None, console=None) -> tuple[int, int, torch.device]:
+WORKERS_FILE = "workers.json"
+
+
+def init_worker(torch_threads: int | None, console=None,
+                run_uri: str | None = None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this worker, with DeepSpeed's process group up (NCCL on GPU, gloo on CPU).
 
     torch runs `torch_threads` intra-op threads, by default as many as the CPUs Ray reserved for this worker.
-    Rank 0 sends its lines and progress to the driver's `console` (a ProgressChannel) when there is one."""
+    Rank 0 sends its lines and progress to the driver's `console` (a ProgressChannel) when there is one, and,
+    given the run's `run_uri`, records where this attempt's workers run (`record_placement`)."""
     import deepspeed
     import ray
     import ray.train
@@ -27,7 +32,34 @@ def init_worker(torch_threads: int | None, console=None) -> tuple[int, int, torc
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank = ctx.get_world_rank()
     use_console(console if rank == 0 else None)
+    if run_uri:
+        record_placement(run_uri, rank)
     return rank, ctx.get_world_size(), device
+
+
+def record_placement(run_uri: str, rank: int) -> list[dict]:
+    """Every worker's node (Ray node id and address) and process, gathered to rank 0, which writes them to the
+    run's workers.json (this attempt's; a restart after a lost node rewrites it) and says how many nodes the
+    workers are on when there are several workers. Returns the list, ordered by rank."""
+    import json
+    import os
+
+    import ray
+    import torch.distributed as dist
+
+    from cluster.storage import resolve
+    from genai.train.tracking import say
+
+    ctx = ray.get_runtime_context()
+    me = {"rank": rank, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    if rank == 0:
+        resolve(run_uri).join(WORKERS_FILE).write_text(json.dumps({"workers": everyone}, indent=2))
+        nodes = {w["node_id"] for w in everyone}
+        if len(everyone) > 1:
+            say(f"{len(everyone)} workers on {len(nodes)} node(s)")
+    return everyone
 
 
 class EpochRows:
