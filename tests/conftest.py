@@ -139,6 +139,18 @@ def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = No
 
 
 @pytest.fixture
+def one_thread():
+    """One torch intra-op thread for a pure-torch test: on a busy 2-core machine more threads spin against each
+    other and run ~30x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def job():
     return run_job
 
