@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ class Node:
     index: int
     cpus: float
     log: str
+    manager_port: int  # its raylet's port: ray.nodes() gives it as NodeManagerPort, beside the node's id
     proc: subprocess.Popen | None = None
 
     @property
@@ -60,6 +62,7 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     dashboard_port: int = 0
+    agent_port: int = 0  # the head's dashboard agent, which runs submitted jobs
     members: list[Node] = field(default_factory=list)
 
     @property
@@ -78,6 +81,10 @@ class LocalCluster:
         os.makedirs(self.root, exist_ok=True)
         self.port = self.port or free_port()
         self.dashboard_port = self.dashboard_port or free_port()
+        self.agent_port = self.agent_port or free_port()
+        # The nodes run with Ray's token auth, which needs a token to exist (~/.ray/auth_token by default); on a
+        # fresh machine make one, as ray.init() does for an embedded Ray. It is never printed.
+        subprocess.run([ray_binary(), "get-auth-token", "--generate"], capture_output=True, check=True)
         try:
             for i in range(self.nodes):
                 self.add_node(timeout)
@@ -92,17 +99,18 @@ class LocalCluster:
         """Start the head (first call) or one more worker node, and wait until it has joined."""
         i = len(self.members)
         cpus = self.head_cpus if i == 0 and self.head_cpus is not None else self.cpus_per_node
-        common = [f"--num-cpus={cpus:g}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
+        node = Node(i, cpus, os.path.join(self.root, f"node-{i}.log"), free_port())
+        common = [f"--num-cpus={cpus:g}", "--node-ip-address=127.0.0.1", f"--node-manager-port={node.manager_port}",
+                  "--disable-usage-stats", "--block"]
         if i == 0:
             args = ["--head", f"--port={self.port}", f"--temp-dir={os.path.abspath(self.root)}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                    f"--dashboard-agent-listen-port={self.agent_port}"]
         else:  # its own ports: several nodes on one machine would otherwise take the same defaults
-            args = [f"--address={self.address}", f"--node-manager-port={free_port()}",
-                    f"--object-manager-port={free_port()}", f"--min-worker-port={20000 + 2000 * i}",
-                    f"--max-worker-port={20000 + 2000 * i + 1999}", f"--metrics-export-port={free_port()}",
+            args = [f"--address={self.address}", f"--object-manager-port={free_port()}",
+                    f"--min-worker-port={20000 + 2000 * i}", f"--max-worker-port={20000 + 2000 * i + 1999}", f"--metrics-export-port={free_port()}",
                     f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                     f"--runtime-env-agent-port={free_port()}"]
-        node = Node(i, cpus, os.path.join(self.root, f"node-{i}.log"))
         env = dict(os.environ, **DRIVER_ENV_DEFAULTS, **worker_env(), **self.env,
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # a stop here means stop now
                    RAY_AUTH_MODE="token")  # the head's default; a joining node must say so to present the token
@@ -124,7 +132,9 @@ class LocalCluster:
                 tail = Path(node.log).read_text(errors="replace").strip().splitlines()[-8:]
                 raise RuntimeError(f"ray start (node {node.index}) exited with {node.proc.returncode}; the end of "
                                    f"{node.log}:\n" + "\n".join(tail))
-            if READY_LINE in Path(node.log).read_text(errors="replace"):
+            # The head is ready once its job agent listens too: `ray job submit` right after `ray start` would
+            # otherwise fail with "No available agent to submit job".
+            if READY_LINE in Path(node.log).read_text(errors="replace") and (node.index or listening(self.agent_port)):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"node {node.index} did not start within {timeout:.0f}s; see {node.log}")
@@ -145,6 +155,11 @@ class LocalCluster:
         for node in reversed(self.members):
             self.stop_node(node)
         Path(self.root, STATE_FILE).unlink(missing_ok=True)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stop_started(root: str, timeout: float = 90) -> bool:

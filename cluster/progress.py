@@ -30,9 +30,13 @@ class ProgressChannel:
     """A queue from the workers to the driver. Made on the driver; a picklable handle goes into the loop config."""
 
     def __init__(self):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on a worker node would go with that node, and the console with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def send(self, *message) -> None:
         """("progress", step, total, parts) or ("line", text). Never blocks training for long, never raises."""
