@@ -7,11 +7,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from cluster.storage import Location, resolve
-
-
-def run_location(storage: str, name: str) -> Location:
-    return resolve(storage).join(name)
+from cluster.storage import resolve
 
 
 def storage_for_ray(storage: str) -> tuple[str, Any]:

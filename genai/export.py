@@ -1,4 +1,6 @@
-"""The export of a GPT run, `<run>/export/`, written by rank 0 at the end of training (no Ray, no DeepSpeed here):
+"""The export of a run, `<run>/export/`, written by rank 0 at the end of training (no Ray, no DeepSpeed here).
+
+A GPT run's:
 
     model.safetensors    fp32 weights under our parameter names (a tied lm_head stored once, as wte)
     model_config.json    GPTConfig or LlamaConfig (its "arch" key; none for GPT-2)
@@ -8,10 +10,13 @@
                          config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
                          special_tokens_map.json
     export.json          the index naming the files, written last (genai/sampling.py reads the export through it)
+
+A GAN run's: generator.pt (the EMA generator's fp32 weights), model_config.json (GANConfig), recipe.yaml, export.json.
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import torch
@@ -21,10 +26,11 @@ from cluster.storage import Location
 from genai.data.hf_tokenizer import hf_tokenizer_files
 from genai.data.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
 from genai.models import DecoderConfig, hf_mapping
-from genai.sampling import EXPORT_INDEX
+from genai.run import EXPORT_INDEX, MODEL_CONFIG_FILE, RECIPE_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 HF_DIR = "hf"
+GAN_WEIGHTS_FILE = "generator.pt"
 LEGACY_WEIGHTS_FILE = "model.pt"  # exports written before the move to safetensors
 # transformers refuses a safetensors file without this metadata.
 _SAFETENSORS_METADATA = {"format": "pt"}
@@ -35,14 +41,27 @@ def write_gpt_export(out: Location, state: dict[str, torch.Tensor], cfg: Decoder
     """Write a GPT export into `out` from fp32 weights under our names; the index file last, so that a reader never
     takes a half-written export for a finished one."""
     out.join(WEIGHTS_FILE).write_bytes(weights_bytes(_untied(state, cfg)))
-    out.join("model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    out.join(MODEL_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
     out.join(TOKENIZER_FILE).write_text(tokenizer_json)
-    out.join("recipe.yaml").write_text(recipe_yaml)
+    out.join(RECIPE_FILE).write_text(recipe_yaml)
     write_hf_export(out.join(HF_DIR), state, cfg, tokenizer_from_json(tokenizer_json))
     out.join(EXPORT_INDEX).write_text(json.dumps(
-        {"kind": "gpt", "weights": WEIGHTS_FILE, "model_config": "model_config.json", "tokenizer": TOKENIZER_FILE,
-         "recipe": "recipe.yaml", "hf": HF_DIR, "dtype": "float32"}, indent=2))
+        {"kind": "gpt", "weights": WEIGHTS_FILE, "model_config": MODEL_CONFIG_FILE, "tokenizer": TOKENIZER_FILE,
+         "recipe": RECIPE_FILE, "hf": HF_DIR, "dtype": "float32"}, indent=2))
     out.join(LEGACY_WEIGHTS_FILE).delete()  # a refreshed old export: the index no longer names it
+
+
+def write_gan_export(out: Location, state: dict[str, torch.Tensor], cfg, recipe_yaml: str, step: int) -> None:
+    """Write a GAN export into `out`: the EMA generator's weights in fp32, its GANConfig and the recipe; the index
+    last."""
+    buf = io.BytesIO()
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, buf)
+    out.join(GAN_WEIGHTS_FILE).write_bytes(buf.getvalue())
+    out.join(MODEL_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    out.join(RECIPE_FILE).write_text(recipe_yaml)
+    out.join(EXPORT_INDEX).write_text(json.dumps(
+        {"kind": "gan", "weights": GAN_WEIGHTS_FILE, "model_config": MODEL_CONFIG_FILE, "recipe": RECIPE_FILE,
+         "step": step, "dtype": "float32", "ema": True}, indent=2))
 
 
 def write_hf_export(out: Location, state: dict[str, torch.Tensor], cfg: DecoderConfig, tok: Tokenizer) -> None:

@@ -1,6 +1,6 @@
 """Load a trained model from a run, an export or a checkpoint (local or URI) and sample from it.
 
-Both kinds of run (gpt, gan) share the layout: `<run>/export/export.json` names the kind and files;
+Both kinds of run (gpt, gan) share the layout (genai/run.py): `<run>/export/export.json` names the kind and files;
 a checkpoint's `trainer_state.json` names its kind and its `meta/` folder holds what sampling needs.
 """
 
@@ -18,18 +18,11 @@ import torch
 import yaml
 from safetensors.torch import load as safetensors_load
 
-from cluster.storage import Location, StorageError, resolve
+from cluster.storage import Location, StorageError
 from genai.data.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
 from genai.models import DecoderLM, build_model, config_from_dict, generate
-from genai.train.checkpoint import TRAINER_STATE
-
-EXPORT_DIR = "export"
-EXPORT_INDEX = "export.json"
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-class CheckpointError(ValueError):
-    """No usable model at the given location; the message names it."""
+from genai.run import (EMA_FILE, EXPORT_INDEX, META_DIR, MODEL_CONFIG_FILE, RECIPE_FILE, TRAINER_STATE,
+                       CheckpointError, find_model_source)
 
 
 @dataclass
@@ -38,54 +31,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: str  # the export or checkpoint actually loaded
     step: int | None
-
-
-def registered_checkpoints(run: Location) -> list[str]:
-    """Checkpoint folders Ray finished and registered, oldest first (a folder still uploading is not listed)."""
-    snapshot = run.join(RAY_CHECKPOINT_SNAPSHOT)
-    if snapshot.exists():
-        names = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])]
-    else:  # written by other tools: trust folders that hold a trainer state
-        names = [n for n in run.list() if n.startswith("checkpoint_")]
-    return sorted(n for n in names if run.join(n, TRAINER_STATE).exists())
-
-
-def incomplete_checkpoints(run: Location) -> list[str]:
-    """Checkpoint folders that Ray never registered (an upload cut short by a crash or a full disk).
-    Empty when the run has no Ray snapshot to tell."""
-    if not run.join(RAY_CHECKPOINT_SNAPSHOT).exists():
-        return []
-    registered = set(registered_checkpoints(run))
-    return sorted(n for n in run.list() if n.startswith("checkpoint_0") and n not in registered)
-
-
-def find_model_source(uri: str) -> tuple[str, Location]:
-    """('export' | 'checkpoint', location) for a run folder, an export folder or a checkpoint folder."""
-    try:
-        loc = resolve(uri)
-        if loc.join(EXPORT_DIR, EXPORT_INDEX).exists():
-            return "export", loc.join(EXPORT_DIR)
-        if loc.join(EXPORT_INDEX).exists():
-            return "export", loc
-        if loc.join(TRAINER_STATE).exists():
-            return "checkpoint", loc
-        checkpoints = registered_checkpoints(loc)
-    except StorageError as exc:
-        raise CheckpointError(str(exc)) from None
-    if checkpoints:
-        return "checkpoint", loc.join(checkpoints[-1])
-    if not loc.exists():
-        raise CheckpointError(f"{uri} does not exist")
-    if not loc.is_dir():
-        raise CheckpointError(f"{uri} is a file, not a run, export or checkpoint folder")
-    raise CheckpointError(f"{uri}: no export/ and no checkpoint_* folder with a {TRAINER_STATE} (not a run folder?)")
-
-
-def model_kind(uri: str) -> str:
-    """'gpt' or 'gan' for a run, export or checkpoint folder."""
-    source, loc = find_model_source(uri)
-    index = loc.join(EXPORT_INDEX if source == "export" else TRAINER_STATE)
-    return json.loads(index.read_text()).get("kind", "gpt")
 
 
 def _consolidate(ckpt_dir: str, tag: str, zero_stage: int) -> dict:
@@ -146,10 +91,10 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             local = loc.download_to(tmp)
             with open(os.path.join(local, TRAINER_STATE)) as f:
                 tstate = json.load(f)
-            meta = os.path.join(local, "meta")
-            with open(os.path.join(meta, "model_config.json")) as f:
+            meta = os.path.join(local, META_DIR)
+            with open(os.path.join(meta, MODEL_CONFIG_FILE)) as f:
                 cfg = config_from_dict(json.load(f))
-            with open(os.path.join(meta, "recipe.yaml")) as f:
+            with open(os.path.join(meta, RECIPE_FILE)) as f:
                 zero_stage = yaml.safe_load(f)["deepspeed"]["zero_stage"]
             with open(os.path.join(meta, TOKENIZER_FILE)) as f:
                 tok = tokenizer_from_json(f.read())
@@ -177,8 +122,6 @@ def sample_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperatu
     return [loaded.tokenizer.decode(row.tolist()) for row in out]
 
 
-EMA_FILE = "ema_generator.pt"
-
 
 @dataclass
 class LoadedGenerator:
@@ -199,7 +142,7 @@ def load_generator(uri: str, device: str = "cpu") -> LoadedGenerator:
         base = loc
     else:
         step = json.loads(loc.join(TRAINER_STATE).read_text())["step"]
-        base, files = loc.join("meta"), ("model_config.json", EMA_FILE)
+        base, files = loc.join(META_DIR), (MODEL_CONFIG_FILE, EMA_FILE)
     try:
         cfg = GANConfig(**json.loads(base.join(files[0]).read_text()))
         state = torch.load(io.BytesIO(base.join(files[1]).read_bytes()), map_location="cpu")

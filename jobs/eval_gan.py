@@ -17,7 +17,8 @@ import torch
 
 from cluster.storage import check_access
 from genai.config import GANRecipe, parse_yaml, validate_recipe
-from genai.sampling import find_model_source, load_generator
+from genai.run import META_DIR, RECIPE_FILE, find_model_source
+from genai.sampling import load_generator
 from genai.train.gan import QualityEval, plan_gan_run
 
 
@@ -37,7 +38,7 @@ def main() -> int:
             check_access(uri, must_exist=True, expect="folder")
     generator = load_generator(args.checkpoint)
     kind, loc = find_model_source(args.checkpoint)
-    recipe_file = loc.join("recipe.yaml" if kind == "export" else "meta/recipe.yaml")
+    recipe_file = loc.join(RECIPE_FILE) if kind == "export" else loc.join(META_DIR, RECIPE_FILE)
     raw = parse_yaml(recipe_file.read_text(), recipe_file.uri)
     recipe = validate_recipe(raw, origin=recipe_file.uri, cls=GANRecipe)
     if args.data:

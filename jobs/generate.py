@@ -11,8 +11,8 @@ import _cli
 import torch
 
 from cluster.storage import check_access, resolve
-from genai.sampling import (load_generator, load_model, model_kind, png_bytes, image_grid, sample_images,
-                            sample_text)
+from genai.run import model_kind
+from genai.sampling import load_generator, load_model, png_bytes, image_grid, sample_images, sample_text
 
 
 def parse_args():

@@ -16,17 +16,14 @@ import math
 import _cli
 import yaml
 
-from cluster.launch import error_cause, fit, parquet_datasets, run_location, wait_for_resources
+from cluster.launch import error_cause, fit, parquet_datasets, wait_for_resources
 from cluster.ray_env import connect
 from cluster.storage import check_access, resolve
 from cluster.tune import fit_reporting_to_tune, read_pointer, run_sweep
 from genai.config import apply_overrides, json_value, load_sweep, recipe_to_yaml, validate_recipe
-from genai.train import gan, nlg
+from genai.run import RECIPE_FILE, TENSORBOARD_DIR, run_location
+from genai.train.loop import FAMILIES, train_loop_per_worker
 from genai.train.tracking import write_hparams
-
-# Per recipe kind: the driver-side plan, the per-worker loop, and the job that trains the best recipe.
-KINDS = {"gpt": (nlg.plan_nlg_run, nlg.train_loop_per_worker, "jobs/train_nlg.py"),
-         "gan": (gan.plan_gan_run, gan.train_loop_per_worker, "jobs/train_gan.py")}
 
 
 def trial_recipe(base: dict, params: dict):
@@ -52,11 +49,10 @@ def run_trial(params: dict, base: dict, trials_storage: str, keep_all_checkpoint
         run_name = f"{trial}-from-{pointer['trial']}-step{pointer['step']}"
         init_checkpoint = run_location(trials_storage, pointer["run"]).join(pointer["checkpoint"]).uri
         cloned_from = f"{pointer['trial']}@{pointer['step']}"
-    plan_run, train_loop_per_worker, _ = KINDS[recipe.kind]
-    plan = plan_run(recipe, log=lambda *_: None)
+    plan = FAMILIES[recipe.kind].plan(recipe, log=lambda *_: None)
     c = recipe.cluster
     run = run_location(trials_storage, run_name)
-    run.join("recipe.yaml").write_text(recipe_to_yaml(recipe))
+    run.join(RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     loop_config = dict(plan.loop_config(run.uri), init_checkpoint=init_checkpoint)
     # PBT may clone any trial's checkpoint after its owner has moved on: keep them all.
     keep = None if keep_all_checkpoints else recipe.train.keep_checkpoints
@@ -82,7 +78,7 @@ def main() -> int:
     root = resolve(storage).join(sweep.name)
     trials_storage = root.join("trials").uri
     base = base_recipe.model_dump(mode="json")
-    KINDS[base_recipe.kind][0](base_recipe)  # checks the data (preparing it once) before any trial starts
+    FAMILIES[base_recipe.kind].plan(base_recipe)  # checks the data (preparing it once) before any trial starts
 
     from ray import tune
 
@@ -117,7 +113,7 @@ def main() -> int:
     writer.writerows(rows)
     root.join("results.csv").write_text(buf.getvalue())
     for row in rows:  # TensorBoard's HParams view: one run per trial under <sweep>/tensorboard/
-        write_hparams(root.join("tensorboard", row["trial"]).uri, {k: row[k] for k in sweep.parameters},
+        write_hparams(root.join(TENSORBOARD_DIR, row["trial"]).uri, {k: row[k] for k in sweep.parameters},
                       {k: row[k] for k in (f"final_{sweep.metric}", f"best_{sweep.metric}", "step")})
     key = f"final_{sweep.metric}"
     print(f"\nsweep {sweep.name}: {len(rows)} trials ({sum(r['status'] == 'ERROR' for r in rows)} failed)")
@@ -138,7 +134,7 @@ def main() -> int:
     root.join("best-recipe.yaml").write_text(recipe_to_yaml(recipe))
     print(f"best: {best['trial']} {sweep.metric} {best[key]:.4f}")
     print(f"  results:  {root.join('results.csv').uri}")
-    print(f"  recipe:   {root.join('best-recipe.yaml').uri}  (python {KINDS[recipe.kind][2]} --recipe <it>)")
+    print(f"  recipe:   {root.join('best-recipe.yaml').uri}  (python {FAMILIES[recipe.kind].job} --recipe <it>)")
     print(f"  generate: python jobs/generate.py --checkpoint {best['run']}")
     print(f"  curves:   tensorboard --logdir {root.uri}   (trials side by side; HParams tab)")
     return _cli.EXIT_OK

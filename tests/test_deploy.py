@@ -303,7 +303,7 @@ def train_recipe(args: list[str], script: str = "jobs/train_nlg.py"):
     """The recipe `python <script> ARGS` would train, validated as the job validates it."""
     sys.path.insert(0, str(ROOT / "jobs"))
     try:
-        train = importlib.import_module("_train")
+        train = importlib.import_module("train")
     finally:
         sys.path.remove(str(ROOT / "jobs"))
     kind, default = TRAIN_JOBS[script]

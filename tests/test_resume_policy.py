@@ -4,30 +4,18 @@ checkpoint can continue with. No Ray: the run folder is a temporary folder and c
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 
 import pytest
 import yaml
 
 from cluster.storage import resolve
-from conftest import ROOT
-from genai import resume_policy
+from genai import resume_policy, run as run_folder
 from genai.config import RECIPE_KINDS, ConfigError, load_recipe, load_sweep, recipe_to_yaml
 from genai.data.shards import dataset_fingerprint
 from genai.resume_policy import DATASET, FIXED, FREE, HPARAM, POLICY
 
 
-def _train_module():
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        return importlib.import_module("_train")
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
-
-
-_train = _train_module()
 MANIFEST = {"kind": "text-tokens", "format_version": 1, "created_at": "2026-01-01T00:00:00Z", "source": "a.txt",
             "tokenizer": {"kind": "char", "sha256": "t0k"},
             "splits": {"train": {"shards": [{"path": "train/part-00000.parquet", "rows": 10, "sha256": "aaa"}]},
@@ -87,15 +75,15 @@ def test_the_fingerprint_is_the_content_not_the_place_or_time():
 def started(tmp_path, recipe, dataset: dict | None = None):
     """A run folder as the driver leaves it after starting `recipe` (recipe.yaml, and dataset.json if given)."""
     run = resolve(str(tmp_path / "run"))
-    run.join(_train.RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    run.join(run_folder.RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     if dataset is not None:
-        run.join(_train.DATASET_FILE).write_text(json.dumps(dataset))
+        run.join(run_folder.DATASET_FILE).write_text(json.dumps(dataset))
     return run
 
 
 def refusal(run, recipe, dataset=None) -> str:
     with pytest.raises(ConfigError) as err:
-        _train.check_run_matches(run, recipe, dataset)
+        run_folder.check_run_matches(run, recipe, dataset)
     message = str(err.value)
     assert "\n" not in message and "use another --name" in message
     return message
@@ -104,13 +92,13 @@ def refusal(run, recipe, dataset=None) -> str:
 def test_the_same_command_line_resumes(tmp_path):
     recipe = load_recipe("tiny", ["cluster.num_workers=2", "deepspeed.zero_stage=3"])
     run = started(tmp_path, recipe, identity())
-    _train.check_run_matches(run, recipe, identity())
-    _train.check_run_matches(run, load_recipe("tiny", ["cluster.num_workers=2", "deepspeed.zero_stage=3"]),
-                             identity())
+    run_folder.check_run_matches(run, recipe, identity())
+    run_folder.check_run_matches(run, load_recipe("tiny", ["cluster.num_workers=2", "deepspeed.zero_stage=3"]),
+                                 identity())
 
 
 def test_a_new_run_folder_takes_any_recipe(tmp_path):
-    _train.check_run_matches(resolve(str(tmp_path / "fresh")), load_recipe("tiny"), identity())
+    run_folder.check_run_matches(resolve(str(tmp_path / "fresh")), load_recipe("tiny"), identity())
 
 
 @pytest.mark.parametrize("override, saved, new", [
@@ -138,7 +126,7 @@ def test_changing_a_fixed_field_is_refused_with_both_values(tmp_path, override, 
 ])
 def test_changing_what_a_checkpoint_does_not_fix_resumes(tmp_path, override):
     run = started(tmp_path, load_recipe("tiny"), identity())
-    _train.check_run_matches(run, load_recipe("tiny", [override]), identity())
+    run_folder.check_run_matches(run, load_recipe("tiny", [override]), identity())
 
 
 def test_every_conflict_is_named_on_one_line(tmp_path):
@@ -151,9 +139,9 @@ def test_every_conflict_is_named_on_one_line(tmp_path):
 def test_the_dataset_is_compared_by_content(tmp_path):
     # Started with data.uri unset: the builtin corpus was prepared into the cache, and that is what was recorded.
     run = started(tmp_path, load_recipe("tiny"), identity("/cache/shakespeare-char-abc"))
-    _train.check_run_matches(run, load_recipe("tiny"), identity("/cache/shakespeare-char-abc"))
+    run_folder.check_run_matches(run, load_recipe("tiny"), identity("/cache/shakespeare-char-abc"))
     # The same dataset given explicitly, or copied to object storage: the same content.
-    _train.check_run_matches(run, load_recipe("tiny", ["data.uri=s3://datasets/sh"]), identity("s3://datasets/sh"))
+    run_folder.check_run_matches(run, load_recipe("tiny", ["data.uri=s3://datasets/sh"]), identity("s3://datasets/sh"))
     # Other data, even at the same place (re-prepared from another corpus): the data order breaks.
     message = refusal(run, load_recipe("tiny"), identity("/cache/shakespeare-char-abc", tokenizer={"sha256": "x"}))
     assert "exists with data.uri=/cache/shakespeare-char-abc (content " in message
@@ -162,14 +150,14 @@ def test_the_dataset_is_compared_by_content(tmp_path):
 
 def test_a_run_folder_without_a_recorded_dataset_compares_the_data_fields(tmp_path):
     run = started(tmp_path, load_recipe("tiny"))
-    _train.check_run_matches(run, load_recipe("tiny"), identity())
+    run_folder.check_run_matches(run, load_recipe("tiny"), identity())
     message = refusal(run, load_recipe("tiny", ["data.uri=/data/other"]), identity("/data/other"))
     assert "exists with data.uri=null, this recipe has data.uri=/data/other:" in message
 
 
 def test_fields_the_saved_recipe_does_not_record_are_not_compared(tmp_path):
     run = resolve(str(tmp_path / "run"))
-    run.join(_train.RECIPE_FILE).write_text("model: {n_layer: 9}\n")
+    run.join(run_folder.RECIPE_FILE).write_text("model: {n_layer: 9}\n")
     message = refusal(run, load_recipe("tiny"), identity())
     assert "exists with model.n_layer=9, this recipe has model.n_layer=2:" in message
 
@@ -177,7 +165,7 @@ def test_fields_the_saved_recipe_does_not_record_are_not_compared(tmp_path):
 def test_a_run_of_another_kind_is_refused(tmp_path):
     run = started(tmp_path, load_recipe("tiny-gan"))
     with pytest.raises(ConfigError, match="is a gan run: use another --name"):
-        _train.check_run_matches(run, load_recipe("tiny"), identity())
+        run_folder.check_run_matches(run, load_recipe("tiny"), identity())
 
 
 @pytest.mark.parametrize("override, refused", [
@@ -192,7 +180,7 @@ def test_gan_runs_follow_the_same_policy(tmp_path, override, refused):
     if refused:
         assert f"this recipe has {override}:" in refusal(run, recipe, identity())
     else:
-        _train.check_run_matches(run, recipe, identity())
+        run_folder.check_run_matches(run, recipe, identity())
 
 
 def sweep_file(tmp_path, base: str, parameters: dict, overrides: list[str]) -> str:

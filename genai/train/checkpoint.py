@@ -1,6 +1,6 @@
 """Checkpoints: every rank saves its DeepSpeed shards and Ray Train merges them in storage.
 
-A checkpoint folder holds, besides DeepSpeed's `<tag>/` shards:
+A checkpoint folder (its place in the run folder: genai/run.py) holds, besides DeepSpeed's `<tag>/` shards:
     trainer_state.json      step, data position and world size (rank 0)
     rng/rank<N>.pt          each rank's RNG state (dropout continues exactly on resume)
     meta/                   model config, tokenizer and recipe: enough to sample from it
@@ -21,9 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from genai.run import META_DIR, TRAINER_STATE, checkpoint_name
 from genai.train.tracking import say, say_resumed
-
-TRAINER_STATE = "trainer_state.json"
 
 
 def rng_state() -> dict:
@@ -60,14 +59,14 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(state, f, indent=2)
             if write_meta:
-                write_meta(os.path.join(tmp, "meta"))
+                write_meta(os.path.join(tmp, META_DIR))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+                         checkpoint_dir_name=checkpoint_name(step))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
     if rank == 0:
-        say(f"checkpoint_{step:08d} saved ({seconds:.1f}s)")
+        say(f"{checkpoint_name(step)} saved ({seconds:.1f}s)")
     return seconds
 
 

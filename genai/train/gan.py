@@ -1,4 +1,5 @@
-"""GAN training: the plan made on the driver (no Ray) and the loop run by every Ray Train worker.
+"""GAN training: the plan made on the driver (no Ray) and the family the training skeleton (genai/train/loop.py)
+runs in every Ray Train worker.
 
 Two DeepSpeed engines, one per network, each with its own optimizer and ZeRO stage. The generator's
 step runs through the discriminator with the discriminator's parameters frozen, so the generator's
@@ -8,28 +9,25 @@ second time). A step is one generator update after `n_critic` discriminator upda
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
 from cluster.deepspeed_config import gan_engine_config, resolve_precision
 from cluster.storage import StorageError, resolve
-from genai.config import ConfigError, GANRecipe, recipe_to_yaml
+from genai.config import ConfigError, GANRecipe
 from genai.data.batches import ExampleStream
 from genai.data.image_dataset import (ImageManifest, ensure_image_dataset, images_from_batch, load_image_arrays,
                                       load_image_manifest, verify_image_shards)
 from genai.data.shards import DatasetError
 from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weights, num_params
-from genai.sampling import EMA_FILE, EXPORT_DIR, EXPORT_INDEX, image_grid, png_bytes
-from genai.train.checkpoint import restore, save_and_report, start_checkpoint
-from genai.train.interrupt import StopFlag
-from genai.train.steps import gan_step, run_epochs
-from genai.train.tracking import RunLogger, say
-from genai.train.worker import EpochRows, init_worker
+from genai.export import write_gan_export
+from genai.run import EMA_FILE, META_DIR, SAMPLES_DIR, export_location
+from genai.sampling import image_grid, png_bytes
+from genai.train.family import Family
+from genai.train.steps import gan_step
+from genai.train.tracking import say
 
 ROWS_PER_FETCH = 1024
 COLLAPSE_D_LOSS = 1e-3  # a discriminator loss this close to 0 means it wins outright: the generator has failed
@@ -173,197 +171,169 @@ def check_replicas(modules: dict[str, torch.nn.Module], device, world: int, rank
             say(f"{name} weights identical on all {world} rank(s) (digest {every[0][0].item():.6f})")
 
 
-def export_generator(ema: EMA, model_config: GANConfig, run_uri: str, recipe_yaml: str, step: int) -> None:
-    """Write `<run>/export/`: the EMA generator's fp32 weights, its config and the recipe; the index last."""
-    out = resolve(run_uri).join(EXPORT_DIR)
-    buf = io.BytesIO()
-    torch.save({k: v.float() if v.is_floating_point() else v for k, v in ema.module.state_dict().items()}, buf)
-    out.join("generator.pt").write_bytes(buf.getvalue())
-    out.join("model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
-    out.join("recipe.yaml").write_text(recipe_yaml)
-    out.join(EXPORT_INDEX).write_text(json.dumps(
-        {"kind": "gan", "weights": "generator.pt", "model_config": "model_config.json", "recipe": "recipe.yaml",
-         "step": step, "dtype": "float32", "ema": True}, indent=2))
+class GANFamily(Family):
+    """A generator and a discriminator on two DeepSpeed engines: streamed images, an fp32 EMA of the generator,
+    image samples from fixed noise, the digit-feature Frechet distance, the EMA generator's export."""
 
+    kind, job, counter = "gan", "jobs/train_gan.py", "images"
+    rows_per_fetch, prefetch_batches = ROWS_PER_FETCH, 2
+    plan = staticmethod(plan_gan_run)
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Runs in each Ray Train worker: two DeepSpeed engines, streamed images, eval, samples, checkpoints."""
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
+    @staticmethod
+    def summary(run, metrics: dict) -> tuple[str, list[str]]:
+        parts = [f"{key} {metrics[key]:.{digits}f}" for key, digits in
+                 (("fd", 2), ("fd_real", 2), ("label_agreement", 3), ("d_loss", 4), ("g_loss", 4))
+                 if isinstance(metrics.get(key), float)]
+        return ("".join(f", {p}" for p in parts),
+                [f"samples:     {run.join(SAMPLES_DIR).uri}",
+                 f"generate:    python jobs/generate.py --checkpoint {run.uri} --num 64 --out grid.png"])
 
-    recipe = GANRecipe.model_validate(cfg["recipe"])
-    t, c = recipe.train, recipe.cluster
-    rank, world, device = init_worker(c.torch_threads, cfg.get("console"), cfg["run_uri"])
-    train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=2)
+    def __init__(self, recipe: GANRecipe, cfg: dict, worker):
+        super().__init__(recipe, cfg, worker)
+        self.batches_per_step = self.t.n_critic
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    mcfg = GANConfig(**cfg["model_config"])
-    G, D = Generator(mcfg), Discriminator(mcfg)
-    init_weights(G)
-    init_weights(D)
-    # Counted before deepspeed.initialize, which may partition the parameters.
-    n_g, n_d = num_params(G), num_params(D)
-    engines = {}
-    for name, net, lr in (("generator", G, t.lr_g), ("discriminator", D, t.lr_d)):
-        ds_config = cfg["ds_configs"][name]
-        opt = None
-        if "optimizer" not in ds_config:  # with optimizer offload DeepSpeed builds its CPU Adam
-            opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(t.beta1, t.beta2))
-        engines[name], _, _, _ = deepspeed.initialize(
-            model=net, optimizer=opt, model_parameters=None if opt else net.parameters(), config=ds_config)
-    g_engine, d_engine = engines["generator"], engines["discriminator"]
-    dtype = _dtype(cfg["ds_configs"]["generator"])
-    ema = EMA(g_engine.module, t.ema_decay)
-    ema.module.float()
+    def build(self) -> dict:
+        import deepspeed
 
-    state = {"kind": "gan", "step": 0, "epoch": 0, "epoch_step": 0, "images": 0, "world_size": world}
+        t = self.t
+        self.model_config = mcfg = GANConfig(**self.cfg["model_config"])
+        G, D = Generator(mcfg), Discriminator(mcfg)
+        init_weights(G)
+        init_weights(D)
+        # Counted before deepspeed.initialize, which may partition the parameters.
+        self.n_g, self.n_d = num_params(G), num_params(D)
+        engines = {}
+        for name, net, lr in (("generator", G, t.lr_g), ("discriminator", D, t.lr_d)):
+            ds_config = self.cfg["ds_configs"][name]
+            opt = None
+            if "optimizer" not in ds_config:  # with optimizer offload DeepSpeed builds its CPU Adam
+                opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(t.beta1, t.beta2))
+            engines[name], _, _, _ = deepspeed.initialize(
+                model=net, optimizer=opt, model_parameters=None if opt else net.parameters(), config=ds_config)
+        self.g_engine, self.d_engine = engines["generator"], engines["discriminator"]
+        self.dtype = _dtype(self.cfg["ds_configs"]["generator"])
+        self.ema = EMA(self.g_engine.module, t.ema_decay)
+        self.ema.module.float()
+        return engines
 
-    def load_ema(folder: str) -> None:
-        ema.load_state_dict(torch.load(os.path.join(folder, "meta", EMA_FILE), map_location=device))
+    def new_state(self) -> dict:
+        return {"kind": "gan", "step": 0, "epoch": 0, "epoch_step": 0, "images": 0}
 
-    checkpoint = start_checkpoint(cfg)
-    if checkpoint:
-        restored, restore_s = restore(checkpoint, engines, rank, world, load_extra=load_ema)
-        state.update(restored)
-        for engine, lr in ((g_engine, t.lr_g), (d_engine, t.lr_d)):  # the recipe's rates and betas win over the saved
+    def restore_extra(self, folder: str) -> None:
+        self.ema.load_state_dict(torch.load(os.path.join(folder, META_DIR, EMA_FILE), map_location=self.worker.device))
+
+    def rebase(self) -> None:
+        t = self.t
+        for engine, lr in ((self.g_engine, t.lr_g), (self.d_engine, t.lr_d)):  # the recipe's rates and betas win
             for group in engine.optimizer.param_groups:
                 group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
-    else:
-        torch.manual_seed(t.seed + 1000 * rank)  # each rank draws its own noise
-    resumed_step = state["step"]
 
-    logger = RunLogger(cfg["run_uri"], rank, resumed_step, t.max_steps)
-    if checkpoint:
-        logger.scalars(resumed_step, {"perf/restore_s": restore_s})
-    if rank == 0 and resumed_step == 0:
-        say(f"models: generator {n_g / 1e6:.2f}M, discriminator {n_d / 1e6:.2f}M parameters; {mcfg.loss} loss"
-              f"{', class-conditional' if mcfg.num_classes else ''}; {world} worker(s), ZeRO-"
-              f"{recipe.deepspeed.generator.zero_stage}/{recipe.deepspeed.discriminator.zero_stage}, "
-              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}")
-    recipe_yaml = recipe_to_yaml(recipe)
-    run = resolve(cfg["run_uri"])
+    def describe(self) -> str:
+        t, w, mcfg, ds = self.t, self.worker, self.model_config, self.recipe.deepspeed
+        return (f"models: generator {self.n_g / 1e6:.2f}M, discriminator {self.n_d / 1e6:.2f}M parameters; "
+                f"{mcfg.loss} loss{', class-conditional' if mcfg.num_classes else ''}; {w.world} worker(s), ZeRO-"
+                f"{ds.generator.zero_stage}/{ds.discriminator.zero_stage}, "
+                f"{resolve_precision(t.precision, self.recipe.cluster.use_gpu)}, device {w.device.type}")
 
-    def write_meta(meta_dir: str) -> None:
-        os.makedirs(meta_dir, exist_ok=True)
-        with open(os.path.join(meta_dir, "model_config.json"), "w") as f:
-            json.dump(mcfg.to_dict(), f, indent=2)
-        with open(os.path.join(meta_dir, "recipe.yaml"), "w") as f:
-            f.write(recipe_yaml)
-        torch.save(ema.state_dict(), os.path.join(meta_dir, EMA_FILE))
+    def prepare(self) -> None:
+        t, w, mcfg = self.t, self.worker, self.model_config
+        self.evaluator = QualityEval(t.classifier, self.cfg["data_uri"], t.eval_samples, w.device) \
+            if t.classifier and w.rank == 0 else None
+        fixed = torch.Generator(device=w.device).manual_seed(t.seed)
+        self.fixed_z = torch.randn(t.sample_grid, mcfg.z_dim, generator=fixed, device=w.device)
+        self.fixed_labels = torch.arange(t.sample_grid, device=w.device) % mcfg.num_classes if mcfg.num_classes \
+            else None
+        # d_loss, g_loss, real score, fake score, gradient penalty
+        self.sums = torch.zeros(5, dtype=torch.float64, device=w.device)
+        self.counted, self.collapsed_logs = 0, 0
+        self.images_per_step = t.batch_size * t.n_critic * w.world
 
-    evaluator = QualityEval(t.classifier, cfg["data_uri"], t.eval_samples, device) if t.classifier and rank == 0 \
-        else None
-    fixed = torch.Generator(device=device).manual_seed(t.seed)
-    fixed_z = torch.randn(t.sample_grid, mcfg.z_dim, generator=fixed, device=device)
-    fixed_labels = torch.arange(t.sample_grid, device=device) % mcfg.num_classes if mcfg.num_classes else None
+    def epoch_steps(self, epoch: int) -> int:
+        return steps_per_epoch(self.cfg["rows_per_worker"], self.t.batch_size, self.t.n_critic)
 
-    def samples(step: int) -> float:
-        with torch.no_grad():
-            imgs = ema.module(fixed_z, fixed_labels)
-        grid = image_grid(imgs, nrow=mcfg.num_classes if mcfg.num_classes and t.sample_grid % mcfg.num_classes == 0
-                          else None)
-        logger.image(step, "samples/ema_generator", grid)
-        run.join("samples", f"step_{step:08d}.png").write_bytes(png_bytes(grid))
-        return imgs.float().std(dim=0).mean().item()  # ~0 when every sample is the same image
+    def open_epoch(self, epoch: int, rows) -> ExampleStream:
+        mcfg = self.model_config
 
-    kind = mcfg.loss
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # d_loss, g_loss, real score, fake score, gp
-    counted, collapsed_logs = 0, 0
-    last: dict = {}
-    step_t0, steps_timed = time.perf_counter(), 0
-    images_per_step = t.batch_size * t.n_critic * world
+        def decode(batch):
+            return images_from_batch(batch, mcfg.image_size, mcfg.image_size, mcfg.channels)
 
-    def at_step_end(step: int, stopping: bool) -> None:
-        nonlocal sums, counted, collapsed_logs, step_t0, steps_timed
-        save = stopping or step % t.checkpoint_interval == 0 or step == t.max_steps
-        metrics: dict = {}
-        if step % t.log_interval == 0 or save:
-            dist.all_reduce(sums)
-            means = (sums / max(1, counted * world)).tolist()
-            if not all(map(lambda v: v == v and abs(v) != float("inf"), means)):
-                raise GANTrainingError(f"losses are not finite by step {step} (d_loss {means[0]}, g_loss {means[1]}); "
-                                       "the last checkpoint is intact (lower train.lr_g / train.lr_d)")
-            dt = (time.perf_counter() - step_t0) / max(1, steps_timed)
-            metrics.update(d_loss=means[0], g_loss=means[1], images_per_s=images_per_step / dt)
-            logger.scalars(step, {"train/d_loss": means[0], "train/g_loss": means[1], "train/d_real": means[2],
-                                  "train/d_fake": means[3], "train/gradient_penalty": means[4] if kind == "wgan-gp"
-                                  else None, "perf/images_per_s": images_per_step / dt, "perf/step_time_s": dt})
-            logger.progress(step, {"d_loss": f"{means[0]:.4f}", "g_loss": f"{means[1]:.4f}",
-                                   "img/s": f"{images_per_step / dt:,.0f}"})
-            collapsed_logs = collapsed_logs + 1 if kind != "wgan-gp" and means[0] < COLLAPSE_D_LOSS else 0
-            if t.collapse_patience and collapsed_logs >= t.collapse_patience:
-                raise GANTrainingError(
-                    f"the discriminator's loss has stayed below {COLLAPSE_D_LOSS} for {collapsed_logs} log intervals "
-                    f"by step {step}: the generator has collapsed (lower train.lr_d, or try model.loss=hinge / "
-                    "wgan-gp); the last checkpoint is intact")
-            sums, counted = torch.zeros_like(sums), 0
-        if t.sample_interval and (step % t.sample_interval == 0 or step == t.max_steps) and rank == 0:
-            diversity = samples(step)
-            logger.scalars(step, {"samples/diversity": diversity})
-            if diversity < 0.02:
-                say(f"warning: step {step}: the fixed-noise samples are nearly identical (diversity {diversity:.4f})"
-                      " - mode collapse?")
-        if step % t.eval_interval == 0 or step == t.max_steps:
-            if evaluator is not None:
-                q = evaluator(ema.module, mcfg, t.seed)
-                last.update(q)
-                logger.scalars(step, {f"eval/{k}": v for k, v in q.items()})
-                say(f"step {step}: digit-feature Frechet distance {q['fd']:.2f} (held-out real digits "
-                      f"{q['fd_real']:.2f})" + (f", label agreement {100 * q['label_agreement']:.1f}%"
-                                                if "label_agreement" in q else ""))
-        if save or step % t.eval_interval == 0:
-            metrics.update(step=step, epoch=state["epoch"], images=state["images"], **last)
-            logger.flush()
-            if save:
-                logger.scalars(step, {"perf/checkpoint_s": save_and_report(engines, dict(state), metrics, rank,
-                                                                           write_meta)})
-            else:
-                ray.train.report(metrics)
-        if metrics:
-            step_t0, steps_timed = time.perf_counter(), 0
+        return ExampleStream(rows.epoch(), decode, self.t.batch_size, self.t.seed, epoch, self.worker.rank,
+                             self.recipe.data.shuffle_buffer)
 
-    manifest_dims = (mcfg.image_size, mcfg.image_size, mcfg.channels)
-
-    def decode(batch):
-        return images_from_batch(batch, *manifest_dims)
-
-    def to_device(array):
-        return torch.from_numpy(array).to(device, non_blocking=True)
-
-    def train_step(batches) -> None:
-        nonlocal sums, counted, steps_timed
+    def step(self, batches, state: dict) -> None:
+        t, device = self.t, self.worker.device
 
         def next_batch():
             x, y = next(batches)
-            return to_device(x), to_device(y)
+            return torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
 
-        sums += gan_step(g_engine, d_engine, next_batch, mcfg, t.n_critic, t.batch_size, t.gp_weight, device, dtype)
-        ema.update(g_engine.module, decay=ema_decay(t.ema_decay, state["step"] + 1))
-        counted += 1
-        state["images"] += images_per_step
-        steps_timed += 1
+        self.sums += gan_step(self.g_engine, self.d_engine, next_batch, self.model_config, t.n_critic, t.batch_size,
+                              t.gp_weight, device, self.dtype)
+        self.ema.update(self.g_engine.module, decay=ema_decay(t.ema_decay, state["step"] + 1))
+        self.counted += 1
+        state["images"] += self.images_per_step
 
-    def open_epoch(epoch: int) -> ExampleStream:
-        return ExampleStream(train_rows.epoch(), decode, t.batch_size, t.seed, epoch, rank, recipe.data.shuffle_buffer)
+    def log_train(self, step: int, seconds_per_step: float) -> dict:
+        import torch.distributed as dist
 
-    n_steps = steps_per_epoch(cfg["rows_per_worker"], t.batch_size, t.n_critic)
-    stopped = run_epochs(state, t.max_steps, lambda _: n_steps, open_epoch, t.n_critic, train_step, at_step_end,
-                         StopFlag(cfg["run_uri"], rank, device, t.log_interval).requested)
-    if stopped:
-        logger.close()
-        if rank == 0:
-            say(f"stopped on request after step {state['step']}; its checkpoint is saved")
-        return
-    if resumed_step >= t.max_steps:  # already complete: report its result again (Tune, the driver's summary)
-        if rank == 0:
-            say(f"run already complete at step {resumed_step}; refreshing the export")
-        final = {"step": resumed_step, "epoch": state["epoch"], "images": state["images"]}
-        if evaluator is not None:
-            final.update(evaluator(ema.module, mcfg, t.seed))
-        ray.train.report(final)
-    check_replicas({"generator": g_engine.module, "discriminator": d_engine.module}, device, world, rank)
-    if rank == 0:
-        export_generator(ema, mcfg, cfg["run_uri"], recipe_yaml, state["step"])
-        say(f"exported the EMA generator to {run.join(EXPORT_DIR).uri}")
-    logger.close()
+        t, w, kind = self.t, self.worker, self.model_config.loss
+        dist.all_reduce(self.sums)
+        means = (self.sums / max(1, self.counted * w.world)).tolist()
+        if not all(map(lambda v: v == v and abs(v) != float("inf"), means)):
+            raise GANTrainingError(f"losses are not finite by step {step} (d_loss {means[0]}, g_loss {means[1]}); "
+                                   "the last checkpoint is intact (lower train.lr_g / train.lr_d)")
+        dt = seconds_per_step
+        w.logger.scalars(step, {"train/d_loss": means[0], "train/g_loss": means[1], "train/d_real": means[2],
+                                "train/d_fake": means[3], "train/gradient_penalty": means[4] if kind == "wgan-gp"
+                                else None, "perf/images_per_s": self.images_per_step / dt, "perf/step_time_s": dt})
+        w.logger.progress(step, {"d_loss": f"{means[0]:.4f}", "g_loss": f"{means[1]:.4f}",
+                                 "img/s": f"{self.images_per_step / dt:,.0f}"})
+        self.collapsed_logs = self.collapsed_logs + 1 if kind != "wgan-gp" and means[0] < COLLAPSE_D_LOSS else 0
+        if t.collapse_patience and self.collapsed_logs >= t.collapse_patience:
+            raise GANTrainingError(
+                f"the discriminator's loss has stayed below {COLLAPSE_D_LOSS} for {self.collapsed_logs} log intervals "
+                f"by step {step}: the generator has collapsed (lower train.lr_d, or try model.loss=hinge / "
+                "wgan-gp); the last checkpoint is intact")
+        self.sums, self.counted = torch.zeros_like(self.sums), 0
+        return {"d_loss": means[0], "g_loss": means[1], "images_per_s": self.images_per_step / dt}
+
+    def samples(self, step: int) -> None:
+        if self.worker.rank != 0:
+            return
+        mcfg, logger = self.model_config, self.worker.logger
+        with torch.no_grad():
+            imgs = self.ema.module(self.fixed_z, self.fixed_labels)
+        grid = image_grid(imgs, nrow=mcfg.num_classes if mcfg.num_classes and self.t.sample_grid % mcfg.num_classes == 0
+                          else None)
+        logger.image(step, "samples/ema_generator", grid)
+        resolve(self.worker.run_uri).join(SAMPLES_DIR, f"step_{step:08d}.png").write_bytes(png_bytes(grid))
+        diversity = imgs.float().std(dim=0).mean().item()  # ~0 when every sample is the same image
+        logger.scalars(step, {"samples/diversity": diversity})
+        if diversity < 0.02:
+            say(f"warning: step {step}: the fixed-noise samples are nearly identical (diversity {diversity:.4f})"
+                " - mode collapse?")
+
+    def evaluate(self) -> dict:
+        return self.evaluator(self.ema.module, self.model_config, self.t.seed) if self.evaluator is not None else {}
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        if not metrics:
+            return
+        self.worker.logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        say(f"step {step}: digit-feature Frechet distance {metrics['fd']:.2f} (held-out real digits "
+            f"{metrics['fd_real']:.2f})" + (f", label agreement {100 * metrics['label_agreement']:.1f}%"
+                                            if "label_agreement" in metrics else ""))
+
+    def write_meta(self, meta_dir: str) -> None:
+        super().write_meta(meta_dir)
+        torch.save(self.ema.state_dict(), os.path.join(meta_dir, EMA_FILE))
+
+    def export(self, state: dict) -> str:
+        """Check the replicas' weights are equal, then rank 0 writes the EMA generator's export."""
+        w = self.worker
+        check_replicas({"generator": self.g_engine.module, "discriminator": self.d_engine.module}, w.device, w.world,
+                       w.rank)
+        if w.rank == 0:
+            write_gan_export(export_location(w.run_uri), self.ema.module.state_dict(), self.model_config,
+                             self.recipe_yaml, state["step"])
+        return "the EMA generator"

@@ -1,18 +1,17 @@
-"""GPT training: the plan made on the driver (no Ray) and the loop run by every Ray Train worker."""
+"""GPT training: the plan made on the driver (no Ray) and the family the training skeleton (genai/train/loop.py) runs
+in every Ray Train worker."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
 from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
 from cluster.storage import resolve
-from genai.config import ConfigError, NLGRecipe, recipe_to_yaml
+from genai.config import ConfigError, NLGRecipe
 from genai.data.batches import WindowStream, epoch_offset, window_count
 from genai.data.text_dataset import (DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards,
                                      worker_rows)
@@ -20,13 +19,12 @@ from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models import DecoderConfig, GPTConfig, LlamaConfig, build_model, config_from_dict, generate
 from genai.models.llama import default_intermediate_size
 from genai.export import write_gpt_export
-from genai.sampling import EXPORT_DIR
-from genai.train.checkpoint import master_weights, restore, save_and_report, start_checkpoint
-from genai.train.interrupt import StopFlag
+from genai.run import export_location
+from genai.train.checkpoint import master_weights
+from genai.train.family import Family
 from genai.train.schedule import warmup_cosine
-from genai.train.steps import lm_step, run_epochs, set_tf32, to_device
-from genai.train.tracking import RunLogger, say
-from genai.train.worker import EpochRows, init_worker
+from genai.train.steps import lm_step, set_tf32, to_device
+from genai.train.tracking import say
 
 ROWS_PER_FETCH = 32
 
@@ -149,192 +147,165 @@ def _val_batches(shard_uris: list[str], seq_len: int, micro_batch: int, n: int, 
     return out
 
 
-def export_model(engine, model_config: DecoderConfig, run_uri: str, data_uri: str, recipe_yaml: str, rank: int) -> None:
-    """Write `<run>/export/` (genai/export.py: our safetensors weights, model config, tokenizer, recipe, and the
-    Hugging Face copy in hf/) from the fp32 master weights. Every rank calls it (assembling the weights is
-    collective); rank 0 writes."""
-    state = master_weights(engine, rank)
-    if rank != 0:
-        return
-    tokenizer_json = resolve(data_uri).join(TOKENIZER_FILE).read_text()
-    write_gpt_export(resolve(run_uri).join(EXPORT_DIR), state, model_config, tokenizer_json, recipe_yaml)
+class GPTFamily(Family):
+    """A decoder LM (GPT-2 or Llama) on one DeepSpeed engine: streamed token windows, validation loss, text
+    samples, the safetensors + Hugging Face export."""
 
+    kind, job, counter = "gpt", "jobs/train_nlg.py", "tokens"
+    rows_per_fetch, prefetch_batches = ROWS_PER_FETCH, 4
+    eval_defaults = {"val_loss": None}
+    plan = staticmethod(plan_nlg_run)
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Runs in each Ray Train worker: DeepSpeed engine, streamed batches, eval, logging, checkpoints."""
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
+    @staticmethod
+    def summary(run, metrics: dict) -> tuple[str, list[str]]:
+        val = metrics.get("val_loss")
+        return (f", val loss {val:.4f}" if isinstance(val, float) else "",
+                [f"generate:    python jobs/generate.py --checkpoint {run.uri} --prompt 'ROMEO:'"])
 
-    recipe = NLGRecipe.model_validate(cfg["recipe"])
-    t, c = recipe.train, recipe.cluster
-    rank, world, device = init_worker(c.torch_threads, cfg.get("console"), cfg["run_uri"])
-    train_rows = EpochRows(ray.train.get_dataset_shard("train"), ROWS_PER_FETCH, prefetch_batches=4)
-    set_tf32(t.tf32, device)
+    def __init__(self, recipe: NLGRecipe, cfg: dict, worker):
+        super().__init__(recipe, cfg, worker)
+        self.batches_per_step = self.t.grad_accum
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model_config = config_from_dict(cfg["model_config"])
-    model = build_model(model_config, activation_checkpointing=recipe.model.activation_checkpointing,
-                        loss_chunk_tokens=recipe.model.loss_chunk_tokens)
-    # Counted before deepspeed.initialize: ZeRO-3 partitions the parameters (numel() is 0 afterwards).
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(recipe.seq_len)
-    ds_config = cfg["ds_config"]
-    groups = model.optimizer_groups(t.weight_decay)
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
-    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        config=ds_config, lr_scheduler=_lr_scheduler(t, min_lr, t.lr_decay_steps or t.max_steps))
-    if t.compile:
-        engine.compile()  # compiles the module in place: checkpoints keep its parameter names
-    torch.manual_seed(t.seed + 1000 * rank)  # dropout differs across ranks
+    def build(self) -> dict:
+        import deepspeed
 
-    seq_len, micro, accum = recipe.seq_len, t.micro_batch_size, t.grad_accum
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0, "world_size": world}
-    checkpoint = start_checkpoint(cfg)
-    if checkpoint:
-        restored, restore_s = restore(checkpoint, {"model": engine}, rank, world)
-        state.update(restored)
+        recipe, t, device = self.recipe, self.t, self.worker.device
+        set_tf32(t.tf32, device)
+        self.model_config = config_from_dict(self.cfg["model_config"])
+        model = build_model(self.model_config, activation_checkpointing=recipe.model.activation_checkpointing,
+                            loss_chunk_tokens=recipe.model.loss_chunk_tokens)
+        # Counted before deepspeed.initialize: ZeRO-3 partitions the parameters (numel() is 0 afterwards).
+        self.n_params, self.flops_per_token = model.num_params(), model.flops_per_token(recipe.seq_len)
+        ds_config = self.cfg["ds_config"]
+        groups = model.optimizer_groups(t.weight_decay)
+        optimizer = None
+        if "optimizer" not in ds_config:
+            optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+        min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            config=ds_config, lr_scheduler=_lr_scheduler(t, min_lr, t.lr_decay_steps or t.max_steps))
+        if t.compile:
+            self.engine.compile()  # compiles the module in place: checkpoints keep its parameter names
+        return {"model": self.engine}
+
+    def new_state(self) -> dict:
+        return {"step": 0, "epoch": 0, "epoch_step": 0, "tokens": 0}
+
+    def rebase(self) -> None:
         # The recipe's schedule and AdamW settings win over the saved ones (a PBT trial may continue with another
         # train.lr); the groups are optimizer_groups' (decayed, not decayed).
+        t, engine = self.t, self.engine
         sched = engine.lr_scheduler
         sched.base_lrs = [t.lr] * len(sched.base_lrs)
         for group, fn, decay in zip(engine.optimizer.param_groups, sched.lr_lambdas, (t.weight_decay, 0.0)):
             group["initial_lr"], group["lr"] = t.lr, t.lr * fn(sched.last_epoch)
             group["betas"], group["weight_decay"] = (t.beta1, t.beta2), decay
-    resumed_step = state["step"]
 
-    logger = RunLogger(cfg["run_uri"], rank, resumed_step, t.max_steps)
-    if checkpoint:
-        logger.scalars(resumed_step, {"perf/restore_s": restore_s})
-    if rank == 0 and resumed_step == 0:
-        say(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
-              f"{world} worker(s), ZeRO-{recipe.deepspeed.zero_stage}, "
-              f"{resolve_precision(t.precision, c.use_gpu)}, device {device.type}")
-    recipe_yaml = recipe_to_yaml(recipe)
-    tokenizer_bytes = resolve(cfg["data_uri"]).join(TOKENIZER_FILE).read_bytes()
+    def describe(self) -> str:
+        t, w = self.t, self.worker
+        return (f"model: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOPs/token; "
+                f"{w.world} worker(s), ZeRO-{self.recipe.deepspeed.zero_stage}, "
+                f"{resolve_precision(t.precision, self.recipe.cluster.use_gpu)}, device {w.device.type}")
 
-    def write_meta(meta_dir: str) -> None:
-        os.makedirs(meta_dir, exist_ok=True)
-        with open(os.path.join(meta_dir, "model_config.json"), "w") as f:
-            json.dump(model_config.to_dict(), f, indent=2)
-        with open(os.path.join(meta_dir, TOKENIZER_FILE), "wb") as f:
-            f.write(tokenizer_bytes)
-        with open(os.path.join(meta_dir, "recipe.yaml"), "w") as f:
-            f.write(recipe_yaml)
+    def prepare(self) -> None:
+        import torch.distributed as dist
 
-    val_batches = _val_batches(cfg["val_shards"], seq_len, micro, t.eval_batches, t.seed, rank, world)
-    n_val = torch.tensor([len(val_batches)], device=device)
-    dist.all_reduce(n_val, op=dist.ReduceOp.MIN)
-    val_batches = val_batches[: int(n_val.item())]
+        t, w = self.t, self.worker
+        self.tokenizer_bytes = resolve(self.cfg["data_uri"]).join(TOKENIZER_FILE).read_bytes()
+        val_batches = _val_batches(self.cfg["val_shards"], self.recipe.seq_len, t.micro_batch_size, t.eval_batches,
+                                   t.seed, w.rank, w.world)
+        n_val = torch.tensor([len(val_batches)], device=w.device)
+        dist.all_reduce(n_val, op=dist.ReduceOp.MIN)
+        self.val_batches = val_batches[: int(n_val.item())]
+        self.peak = _peak_flops(t, w.device)
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum * w.world * self.recipe.seq_len
+        self.loss_sum, self.loss_count = torch.zeros((), device=w.device), 0
 
-    def evaluate() -> float:
-        engine.eval()
-        total = torch.zeros((), device=device)
-        with torch.no_grad():
-            for b in val_batches:
-                b = to_device(b, device, t.pin_memory)
-                total += engine(b[:, :-1], b[:, 1:])[1].float()
-        engine.train()
-        dist.all_reduce(total)
-        return total.item() / max(1, len(val_batches) * world)
+    def epoch_steps(self, epoch: int) -> int:
+        t = self.t
+        return steps_per_epoch(self.cfg["train_worker_tokens"], self.recipe.seq_len, t.micro_batch_size, t.grad_accum,
+                               t.seed, epoch)
 
-    def sample() -> str | None:
+    def open_epoch(self, epoch: int, rows) -> WindowStream:
+        return WindowStream(rows.epoch(), self.recipe.seq_len, self.t.micro_batch_size, self.t.seed, epoch,
+                            self.worker.rank, self.recipe.data.shuffle_buffer_windows)
+
+    def step(self, batches, state: dict) -> None:
+        self.loss_sum += lm_step(self.engine, batches, self.t.grad_accum, self.worker.device, self.t.pin_memory)
+        self.loss_count += self.t.grad_accum
+        state["tokens"] += self.tokens_per_step
+
+    def log_train(self, step: int, seconds_per_step: float) -> dict:
+        t, logger = self.t, self.worker.logger
+        if not torch.isfinite(self.loss_sum):
+            raise FloatingPointError(f"training loss is {self.loss_sum.item()} by step {step}; the last checkpoint is "
+                                     "intact (lower train.lr or raise train.warmup_steps)")
+        if not (step % t.log_interval == 0 or step == t.max_steps):
+            return {}
+        dt = seconds_per_step
+        loss = (self.loss_sum / max(1, self.loss_count)).item()
+        tok_s = self.tokens_per_step / dt
+        mfu = self.flops_per_token * tok_s / (self.peak * self.worker.world) if self.peak else None
+        lr = self.engine.get_lr()[0]
+        logger.scalars(step, {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tok_s,
+                              "perf/step_time_s": dt, "perf/mfu": mfu})
+        parts = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+        if mfu is not None:
+            parts["mfu"] = f"{100 * mfu:.1f}%"
+        logger.progress(step, parts)
+        self.loss_sum, self.loss_count = torch.zeros((), device=self.worker.device), 0
+        return {"train_loss": loss, "lr": lr, "tokens_per_s": tok_s}
+
+    def samples(self, step: int) -> None:
         from genai.data.tokenizers import tokenizer_from_json
 
-        if recipe.deepspeed.zero_stage != 3 and rank != 0:
-            return None  # under ZeRO-3 every rank takes part in each forward
-        tok = tokenizer_from_json(tokenizer_bytes.decode())
+        t, w, engine = self.t, self.worker, self.engine
+        if self.recipe.deepspeed.zero_stage != 3 and w.rank != 0:
+            return  # under ZeRO-3 every rank takes part in each forward
+        tok = tokenizer_from_json(self.tokenizer_bytes.decode())
         try:
             prompt = tok.encode(t.sample_prompt)
         except ValueError:
             prompt = tok.encode(tok.decode([0]))
-        idx = torch.as_tensor(prompt, dtype=torch.long, device=device)[None, :]
-        gen = torch.Generator(device=device).manual_seed(t.seed)
+        idx = torch.as_tensor(prompt, dtype=torch.long, device=w.device)[None, :]
+        gen = torch.Generator(device=w.device).manual_seed(t.seed)
         engine.eval()
         out = generate(engine.module, idx, t.sample_tokens, temperature=0.8, top_k=200, generator=gen,
                        vocab_size=tok.vocab_size)
         engine.train()
-        return tok.decode(out[0].tolist())
+        w.logger.text(step, "samples", tok.decode(out[0].tolist()))
 
-    peak = _peak_flops(t, device)
-    tokens_per_step = micro * accum * world * seq_len
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    last = {"val_loss": None}
-    step_t0 = time.perf_counter()
-    steps_timed = 0
+    def evaluate(self) -> dict:
+        import torch.distributed as dist
 
-    def at_step_end(step: int, stopping: bool) -> None:
-        nonlocal loss_sum, loss_count, step_t0, steps_timed
-        metrics: dict = {}
-        save = stopping or step % t.checkpoint_interval == 0 or step == t.max_steps
-        if (save or step % t.log_interval == 0) and not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"training loss is {loss_sum.item()} by step {step}; the last checkpoint is "
-                                     "intact (lower train.lr or raise train.warmup_steps)")
-        if step % t.log_interval == 0 or step == t.max_steps:
-            dt = (time.perf_counter() - step_t0) / max(1, steps_timed)
-            loss = (loss_sum / max(1, loss_count)).item()
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_s / (peak * world) if peak else None
-            lr = engine.get_lr()[0]
-            logger.scalars(step, {"train/loss": loss, "train/lr": lr, "perf/tokens_per_s": tok_s,
-                                  "perf/step_time_s": dt, "perf/mfu": mfu})
-            parts = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
-            if mfu is not None:
-                parts["mfu"] = f"{100 * mfu:.1f}%"
-            logger.progress(step, parts)
-            metrics.update(train_loss=loss, lr=lr, tokens_per_s=tok_s)
-            loss_sum, loss_count = torch.zeros((), device=device), 0
-        if step % t.eval_interval == 0 or step == t.max_steps:
-            val = evaluate()
-            last["val_loss"] = val
-            logger.scalars(step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
-            if rank == 0:
-                say(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})")
-        if t.sample_interval and (step % t.sample_interval == 0 or step == t.max_steps):
-            text = sample()
-            if text is not None:
-                logger.text(step, "samples", text)
-        if save or step % t.eval_interval == 0:
-            metrics.update(step=step, epoch=state["epoch"], val_loss=last["val_loss"], tokens=state["tokens"])
-            logger.flush()
-            if save:
-                logger.scalars(step, {"perf/checkpoint_s": save_and_report({"model": engine}, dict(state), metrics,
-                                                                           rank, write_meta)})
-            else:
-                ray.train.report(metrics)
-        if metrics:
-            step_t0, steps_timed = time.perf_counter(), 0
+        engine, device = self.engine, self.worker.device
+        engine.eval()
+        total = torch.zeros((), device=device)
+        with torch.no_grad():
+            for b in self.val_batches:
+                b = to_device(b, device, self.t.pin_memory)
+                total += engine(b[:, :-1], b[:, 1:])[1].float()
+        engine.train()
+        dist.all_reduce(total)
+        return {"val_loss": total.item() / max(1, len(self.val_batches) * self.worker.world)}
 
-    def train_step(batches) -> None:
-        nonlocal loss_sum, loss_count, steps_timed
-        loss_sum += lm_step(engine, batches, accum, device, t.pin_memory)
-        loss_count += accum
-        state["tokens"] += tokens_per_step
-        steps_timed += 1
+    def log_eval(self, step: int, metrics: dict) -> None:
+        val = metrics["val_loss"]
+        self.worker.logger.scalars(step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
+        if self.worker.rank == 0:
+            say(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})")
 
-    def open_epoch(epoch: int) -> WindowStream:
-        return WindowStream(train_rows.epoch(), seq_len, micro, t.seed, epoch, rank,
-                            recipe.data.shuffle_buffer_windows)
+    def write_meta(self, meta_dir: str) -> None:
+        super().write_meta(meta_dir)
+        with open(os.path.join(meta_dir, TOKENIZER_FILE), "wb") as f:
+            f.write(self.tokenizer_bytes)
 
-    def epoch_steps(epoch: int) -> int:
-        return steps_per_epoch(cfg["train_worker_tokens"], seq_len, micro, accum, t.seed, epoch)
-
-    stopped = run_epochs(state, t.max_steps, epoch_steps, open_epoch, accum, train_step, at_step_end,
-                         StopFlag(cfg["run_uri"], rank, device, t.log_interval).requested)
-    if stopped:
-        logger.close()
-        if rank == 0:
-            say(f"stopped on request after step {state['step']}; its checkpoint is saved")
-        return
-    if resumed_step >= t.max_steps:  # already complete: report its result again (Tune, the driver's summary)
-        if rank == 0:
-            say(f"run already complete at step {resumed_step}; refreshing the export")
-        ray.train.report({"step": resumed_step, "epoch": state["epoch"], "tokens": state["tokens"],
-                          "val_loss": evaluate()})
-    export_model(engine, model_config, cfg["run_uri"], cfg["data_uri"], recipe_yaml, rank)
-    logger.close()
-    if rank == 0:
-        say(f"exported the model to {resolve(cfg['run_uri']).join(EXPORT_DIR).uri}")
+    def export(self, state: dict) -> str:
+        """`<run>/export/` (genai/export.py: our safetensors weights, model config, tokenizer, recipe, and the Hugging
+        Face copy in hf/) from the fp32 master weights (assembling them is collective; rank 0 writes)."""
+        weights = master_weights(self.engine, self.worker.rank)
+        if self.worker.rank == 0:
+            write_gpt_export(export_location(self.worker.run_uri), weights, self.model_config,
+                             self.tokenizer_bytes.decode(), self.recipe_yaml)
+        return "the model"

@@ -1,6 +1,6 @@
 """One optimizer step of each model on DeepSpeed engines: torch and DeepSpeed only (no Ray, no pyarrow).
 
-The Ray Train loops (genai/train/nlg.py, gan.py) and the single-process GPU check
+The families' steps in the Ray Train loop (genai/train/nlg.py, gan.py) and the single-process GPU check
 (benchmarks/gpu_check.py) call these, so what the GPU check measures is the training step itself.
 """
 
@@ -86,32 +86,3 @@ def gan_step(g_engine, d_engine, next_batch: Callable[[], tuple], cfg: GANConfig
     stats[1] += loss_g.detach().double()
     return stats
 
-
-def run_epochs(state: dict, max_steps: int, epoch_steps: Callable[[int], int], open_epoch: Callable[[int], object],
-               batches_per_step: int, train_step: Callable[[Iterator], None],
-               after_step: Callable[[int, bool], None], stop_requested: Callable[[int], bool]) -> bool:
-    """The epoch/step bookkeeping both loops share; returns True when it stopped on request.
-
-    `state` holds step, epoch and epoch_step (updated here). Each epoch `open_epoch(epoch)` gives the
-    worker's batch stream (iterable, with drain()), of which exactly `epoch_steps(epoch)` steps are taken
-    (the same on every worker), then the rest is drained. A resumed epoch first skips the batches its
-    earlier steps consumed. After each step `after_step(step, stopping)` logs, evaluates and checkpoints."""
-    while state["step"] < max_steps:
-        epoch = state["epoch"]
-        n_steps = epoch_steps(epoch)
-        stream = open_epoch(epoch)
-        batches = iter(stream)
-        for _ in range(state["epoch_step"] * batches_per_step):  # resume mid-epoch: skip what was trained on
-            next(batches)
-        while state["epoch_step"] < n_steps and state["step"] < max_steps:
-            train_step(batches)
-            state["step"] += 1
-            state["epoch_step"] += 1
-            stopping = stop_requested(state["step"])
-            after_step(state["step"], stopping)
-            if stopping:
-                return True
-        if state["epoch_step"] >= n_steps:
-            stream.drain()
-            state["epoch"], state["epoch_step"] = epoch + 1, 0
-    return False

@@ -7,8 +7,8 @@ import time
 
 from cluster.progress import progress_line
 from cluster.storage import local_scratch, resolve
+from genai.run import TENSORBOARD_DIR
 
-TENSORBOARD_DIR = "tensorboard"
 _console = None  # the driver's ProgressChannel, when it shows this run's progress
 
 

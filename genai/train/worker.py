@@ -7,8 +7,6 @@ import warnings
 import torch
 
 
-WORKERS_FILE = "workers.json"
-
 
 def init_worker(torch_threads: int | None, console=None,
                 run_uri: str | None = None) -> tuple[int, int, torch.device]:
@@ -48,6 +46,7 @@ def record_placement(run_uri: str, rank: int) -> list[dict]:
     import torch.distributed as dist
 
     from cluster.storage import resolve
+    from genai.run import WORKERS_FILE
     from genai.train.tracking import say
 
     ctx = ray.get_runtime_context()

@@ -1,33 +1,36 @@
-"""The driver side shared by the training jobs: arguments, recipe, run folder, Ray, fit, summary."""
+"""Train a model of any family with Ray Train + DeepSpeed: the recipe's `kind` picks the family (gpt, gan).
+
+Runs on an embedded local Ray, or on the cluster in RAY_ADDRESS (as under `ray job submit`).
+Rerunning with the same --name (and storage) resumes from the run's latest checkpoint.
+jobs/train_nlg.py and jobs/train_gan.py are this job for one kind (with its default recipe).
+
+    python jobs/train.py --recipe tiny
+    python jobs/train.py --recipe tiny-gan --name quick
+"""
 
 from __future__ import annotations
 
-import json
 import signal
-from typing import Callable
 
 import _cli
-import yaml
 
-from cluster.launch import (call_in_thread, error_cause, fit, parquet_datasets, run_location, run_name_default,
-                            wait_for_resources)
+from cluster.launch import call_in_thread, error_cause, fit, parquet_datasets, run_name_default, wait_for_resources
 from cluster.processes import STOP_SIGNALS
 from cluster.progress import ProgressChannel, ProgressDisplay
 from cluster.ray_env import connect
-from cluster.storage import StorageError
-from genai.config import ConfigError, available_recipes, json_value, load_recipe, recipe_to_yaml
+from cluster.storage import StorageError, check_access
+from genai.config import available_recipes, json_value, load_recipe
 from genai.data.shards import DatasetError
-from genai.resume_policy import dataset_identity, resume_conflicts
-from genai.sampling import incomplete_checkpoints, registered_checkpoints
-from genai.train.interrupt import clear_stop, request_stop
-
-RECIPE_FILE = "recipe.yaml"
-DATASET_FILE = "dataset.json"  # the dataset the run trains on: its URI and content fingerprint
+from genai.resume_policy import dataset_identity
+from genai.run import (TENSORBOARD_DIR, check_run_matches, clear_stop, incomplete_checkpoints, registered_checkpoints,
+                       request_stop, run_location, write_run_files)
+from genai.train.loop import FAMILIES, train_loop_per_worker
 
 
-def parse_args(doc: str, kind: str, default_recipe: str, argv: list[str] | None = None):
+def parse_args(doc: str, kind: str | None, default_recipe: str | None, argv: list[str] | None = None):
+    """The training jobs' flags; without a `kind` every shipped recipe is offered and --recipe is required."""
     p = _cli.ArgumentParser(description=doc, formatter_class=_cli.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default=default_recipe,
+    p.add_argument("--recipe", default=default_recipe, required=default_recipe is None,
                    help=f"shipped recipe ({', '.join(available_recipes(kind))}) or a YAML path")
     p.add_argument("--data", help="prepared dataset folder or URI (overrides data.uri)")
     p.add_argument("--storage", help="where runs live: folder or URI (overrides cluster.storage)")
@@ -40,7 +43,7 @@ def parse_args(doc: str, kind: str, default_recipe: str, argv: list[str] | None 
     return p.parse_args(argv)
 
 
-def recipe_from_args(args, kind: str):
+def recipe_from_args(args, kind: str | None):
     """The recipe named on the command line with --data/--storage/--name and every --set applied, validated."""
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.uri"), (args.storage, "cluster.storage"), (args.name, "cluster.run_name")):
@@ -49,53 +52,19 @@ def recipe_from_args(args, kind: str):
     return load_recipe(args.recipe, overrides, kind=kind)
 
 
-def check_run_matches(run, recipe, dataset: dict | None = None) -> None:
-    """Refuse to resume a run with a change its checkpoints cannot take (genai/resume_policy.py: the model's
-    shape, sharding, precision, data order or dataset), in one line naming each field with its saved and new
-    value: otherwise DeepSpeed fails deep inside a worker, or the data guarantee silently breaks.
-
-    `dataset` is this recipe's resolved dataset (resume_policy.dataset_identity), compared with the one the run
-    recorded; without either, the recipe's data fields are compared as written."""
-    previous = run.join(RECIPE_FILE)
-    if not previous.exists():
-        return
-    old = yaml.safe_load(previous.read_text()) or {}
-    if not isinstance(old, dict):
-        raise ConfigError(f"run {run.uri}: {RECIPE_FILE} is not a recipe: use another --name")
-    if old.get("kind", "gpt") != recipe.kind:
-        raise ConfigError(f"run {run.uri} is a {old.get('kind', 'gpt')} run: use another --name")
-    new = yaml.safe_load(recipe_to_yaml(recipe))  # the same YAML round trip as the saved recipe
-    conflicts = resume_conflicts(recipe.kind, old, new, _recorded_dataset(run), dataset)
-    if conflicts:
-        raise ConfigError(f"run {run.uri} exists with {_assignments(conflicts, 1)}, this recipe has "
-                          f"{_assignments(conflicts, 2)}: its checkpoints fix these; use another --name to start a "
-                          "new run")
+def main(doc: str = __doc__, kind: str | None = None, default_recipe: str | None = None) -> int:
+    """Parse the command line, plan the run with the family of the recipe's kind (of `kind` only, when given) and
+    train it. Returns the exit code."""
+    args = parse_args(doc, kind, default_recipe)
+    recipe = recipe_from_args(args, kind)
+    check_access(recipe.cluster.storage, expect="folder")  # bucket and credentials, before any work
+    family = FAMILIES[recipe.kind]
+    return train(recipe, family.plan(recipe), family, verbose=args.verbose)
 
 
-def _recorded_dataset(run) -> dict | None:
-    """The dataset identity the run recorded; None for a run folder from before it was recorded (or a damaged one:
-    the recipe's data fields are compared instead)."""
-    recorded = run.join(DATASET_FILE)
-    if not recorded.exists():
-        return None
-    try:
-        data = json.loads(recorded.read_text())
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and "fingerprint" in data else None
-
-
-def _assignments(conflicts: list[tuple], which: int) -> str:
-    """`a=1 and b=2` from (field, saved, new) triples: the saved (1) or the new (2) values."""
-    return " and ".join(f"{c[0]}={json_value(c[which])}" for c in conflicts)
-
-
-def train(recipe, plan, train_fn: Callable[[dict], None],
-          summary: Callable[[object, dict], tuple[str, list[str]]], verbose: bool = False) -> int:
+def train(recipe, plan, family, verbose: bool = False) -> int:
     """Connect to Ray, check it can hold the workers, write the run's recipe, run the workers and print the
-    outcome. Returns the exit code.
-
-    `summary(run, final_metrics)` gives the result headline (", val loss 1.23") and lines of what to do next."""
+    outcome (the family's summary). Returns the exit code."""
     c = recipe.cluster
     name = c.run_name or run_name_default(recipe.name)
     run = run_location(c.storage, name)
@@ -107,8 +76,7 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
     where = connect(cpus_needed=c.num_workers * c.cpus_per_worker, quiet=not verbose)
     wait_for_resources(c.num_workers, c.cpus_per_worker, c.use_gpu, c.resource_wait_s if where == "cluster" else 0)
     try:
-        run.join(RECIPE_FILE).write_text(recipe_to_yaml(recipe))
-        run.join(DATASET_FILE).write_text(json.dumps(dataset, indent=2))
+        write_run_files(run, recipe, dataset)
     except OSError as exc:
         raise StorageError(f"{run.uri}: cannot write the run folder ({exc})") from None
 
@@ -134,7 +102,7 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         # In a thread: signals reach the main thread only, and Ray Train replaces the SIGINT handler (with an
         # immediate abort) only when fit() runs in the main thread.
         result = call_in_thread(lambda: fit(
-            train_fn, dict(plan.loop_config(run.uri), console=console), datasets=parquet_datasets(plan.dataset_uris()),
+            train_loop_per_worker, dict(plan.loop_config(run.uri), console=console), datasets=parquet_datasets(plan.dataset_uris()),
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
             name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints,
             placement=c.placement),
@@ -156,12 +124,12 @@ def train(recipe, plan, train_fn: Callable[[dict], None],
         step = metrics.get("step", "?")
         return _cli.fail(f"stopped at step {step} with a checkpoint; resume with: --name {name}",
                          _cli.EXIT_INTERRUPTED)
-    headline, lines = summary(run, metrics)
+    headline, lines = family.summary(run, metrics)
     print(f"done: run {name} at step {metrics.get('step', recipe.train.max_steps)}{headline}")
     print(f"  checkpoint:  {result.checkpoint.path if result.checkpoint else '-'}")
     for line in lines:
         print(f"  {line}")
-    print(f"  tensorboard: tensorboard --logdir {run.join('tensorboard').uri}")
+    print(f"  tensorboard: tensorboard --logdir {run.join(TENSORBOARD_DIR).uri}")
     return _cli.EXIT_OK
 
 
@@ -177,3 +145,7 @@ def _failed(exc: BaseException, run, name: str, plan) -> int:
     kept = registered_checkpoints(run)
     last = f"the last complete checkpoint is {run.join(kept[-1]).uri}" if kept else "no checkpoint was completed"
     return _cli.fail(f"training failed: {cause}{hint}\n{last}; resume with: --name {name}", _cli.EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    _cli.run_main(main)
