@@ -15,11 +15,10 @@ from cluster.storage import StorageError  # noqa: E402
 from genai.config import ConfigError  # noqa: E402
 from genai.data.sources import SourceError  # noqa: E402
 from genai.data.text_dataset import DatasetError  # noqa: E402
-from genai.eval.digits import ClassifierError  # noqa: E402
 from genai.run import CheckpointError  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-BAD_INPUT = (ConfigError, DatasetError, SourceError, StorageError, CheckpointError, ClassifierError, ResourceError)
+BAD_INPUT = (ConfigError, DatasetError, SourceError, StorageError, CheckpointError, ResourceError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -13,13 +13,10 @@ from __future__ import annotations
 import json
 
 import _cli
-import torch
 
 from cluster.storage import check_access
 from genai.config import GANRecipe, parse_yaml, validate_recipe
 from genai.run import META_DIR, RECIPE_FILE, find_model_source
-from genai.sampling import load_generator
-from genai.train.gan import QualityEval, plan_gan_run
 
 
 def main() -> int:
@@ -36,6 +33,11 @@ def main() -> int:
     for uri in (args.classifier, args.data):  # before the generator loads and the data is planned
         if uri:
             check_access(uri, must_exist=True, expect="folder")
+    import torch
+
+    from genai.sampling import load_generator
+    from genai.train.gan import QualityEval, plan_gan_run
+
     generator = load_generator(args.checkpoint)
     kind, loc = find_model_source(args.checkpoint)
     recipe_file = loc.join(RECIPE_FILE) if kind == "export" else loc.join(META_DIR, RECIPE_FILE)

@@ -8,11 +8,9 @@ The run's kind decides what comes out: text from a GPT run, a PNG grid of images
 from __future__ import annotations
 
 import _cli
-import torch
 
 from cluster.storage import check_access, resolve
 from genai.run import model_kind
-from genai.sampling import load_generator, load_model, png_bytes, image_grid, sample_images, sample_text
 
 
 def parse_args():
@@ -40,6 +38,8 @@ def parse_args():
 
 
 def generate_images(args, device: str) -> None:
+    from genai.sampling import image_grid, load_generator, png_bytes, sample_images
+
     loaded = load_generator(args.checkpoint, device=device)
     images = sample_images(loaded, args.num, args.seed, args.label)
     classes = loaded.config.num_classes
@@ -52,6 +52,8 @@ def generate_images(args, device: str) -> None:
 
 
 def generate_text(args, device: str) -> None:
+    from genai.sampling import load_model, sample_text
+
     loaded = load_model(args.checkpoint, device=device)
     step = f" (step {loaded.step})" if loaded.step is not None else ""
     print(f"# model from {loaded.source}{step}", flush=True)
@@ -67,10 +69,13 @@ def generate_text(args, device: str) -> None:
 
 def main() -> int:
     args = parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.out:
         check_access(args.out, expect="file")
-    if model_kind(args.checkpoint) == "gan":
+    kind = model_kind(args.checkpoint)  # names a missing or unusable checkpoint before torch is imported
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if kind == "gan":
         generate_images(args, device)
     else:
         generate_text(args, device)

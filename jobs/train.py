@@ -24,7 +24,6 @@ from genai.data.shards import DatasetError
 from genai.resume_policy import dataset_identity
 from genai.run import (TENSORBOARD_DIR, check_run_matches, clear_stop, incomplete_checkpoints, registered_checkpoints,
                        request_stop, run_location, write_run_files)
-from genai.train.loop import FAMILIES, train_loop_per_worker
 
 
 def parse_args(doc: str, kind: str | None, default_recipe: str | None, argv: list[str] | None = None):
@@ -58,6 +57,8 @@ def main(doc: str = __doc__, kind: str | None = None, default_recipe: str | None
     args = parse_args(doc, kind, default_recipe)
     recipe = recipe_from_args(args, kind)
     check_access(recipe.cluster.storage, expect="folder")  # bucket and credentials, before any work
+    from genai.train.loop import FAMILIES  # torch and the models: only once the recipe has passed
+
     family = FAMILIES[recipe.kind]
     return train(recipe, family.plan(recipe), family, verbose=args.verbose)
 
@@ -65,6 +66,8 @@ def main(doc: str = __doc__, kind: str | None = None, default_recipe: str | None
 def train(recipe, plan, family, verbose: bool = False) -> int:
     """Connect to Ray, check it can hold the workers, write the run's recipe, run the workers and print the
     outcome (the family's summary). Returns the exit code."""
+    from genai.train.loop import train_loop_per_worker
+
     c = recipe.cluster
     name = c.run_name or run_name_default(recipe.name)
     run = run_location(c.storage, name)

@@ -15,7 +15,6 @@ import time
 import _cli
 
 from cluster.storage import check_access
-from genai.eval.digits import ClassifierError, accuracy, save_classifier, train_classifier
 
 
 def main() -> int:
@@ -34,6 +33,7 @@ def main() -> int:
         p.error(f"--out {args.out}: the folder {os.path.dirname(out.path)} does not exist")
     check_access(args.data, must_exist=True, expect="folder")
     from genai.data.image_dataset import load_image_arrays
+    from genai.eval.digits import ClassifierError, accuracy, save_classifier, train_classifier
 
     train_x, train_y = load_image_arrays(args.data, "train", limit=args.limit)
     val_x, val_y = load_image_arrays(args.data, "val", limit=args.limit)

@@ -22,7 +22,6 @@ from cluster.storage import check_access, resolve
 from cluster.tune import fit_reporting_to_tune, read_pointer, run_sweep
 from genai.config import apply_overrides, json_value, load_sweep, recipe_to_yaml, validate_recipe
 from genai.run import RECIPE_FILE, TENSORBOARD_DIR, run_location
-from genai.train.loop import FAMILIES, train_loop_per_worker
 from genai.train.tracking import write_hparams
 
 
@@ -38,6 +37,8 @@ def run_trial(params: dict, base: dict, trials_storage: str, keep_all_checkpoint
     it trains on in a new run folder, trials/<trial id>-from-<other trial>-step<N>, started from that
     checkpoint with the trial's new parameters."""
     from ray import tune
+
+    from genai.train.loop import FAMILIES, train_loop_per_worker
 
     recipe = trial_recipe(base, params)
     trial = tune.get_context().get_trial_id()
@@ -75,6 +76,8 @@ def main() -> int:
     sweep, base_recipe = load_sweep(args.sweep, args.overrides)
     storage = args.storage or sweep.storage or base_recipe.cluster.storage
     check_access(storage, expect="folder")
+    from genai.train.loop import FAMILIES  # torch and the models: only once the sweep has passed
+
     root = resolve(storage).join(sweep.name)
     trials_storage = root.join("trials").uri
     base = base_recipe.model_dump(mode="json")

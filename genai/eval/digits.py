@@ -16,13 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster.storage import StorageError, explain, resolve
+from genai.config import ConfigError
 
 FEATURE_DIM, NUM_CLASSES, SIZE = 128, 10, 28
 WEIGHTS, INFO = "classifier.pt", "classifier.json"
 
 
-class ClassifierError(ValueError):
-    """A classifier folder cannot be used; the message names the URI and the reason."""
+class ClassifierError(ConfigError):
+    """A classifier folder (train.classifier, --classifier) cannot be used; the message names the URI and the reason.
+    A ConfigError, so that the jobs report it as bad input without importing torch to know it."""
 
 
 class DigitClassifier(nn.Module):
