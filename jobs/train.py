@@ -76,7 +76,7 @@ def train(recipe, plan, family, verbose: bool = False) -> int:
         check_run_matches(run, recipe, dataset)
     except OSError as exc:
         raise StorageError(f"{run.uri}: cannot read the run folder ({exc})") from None
-    where = connect(cpus_needed=c.num_workers * c.cpus_per_worker, quiet=not verbose)
+    where = connect(cpus_needed=c.num_workers * c.cpus_per_worker, quiet=not verbose, dashboard=False)
     wait_for_resources(c.num_workers, c.cpus_per_worker, c.use_gpu, c.resource_wait_s if where == "cluster" else 0)
     try:
         write_run_files(run, recipe, dataset)
