@@ -10,8 +10,9 @@ the figures are medians.
 
 Quality: sweeps/nlg-shakespeare-asha.yaml (ASHA over train.lr and model.n_embd on the shakespeare-char
 recipe; its budget is fixed by the sweep file: 8 trials, rungs at steps 250 and 750, at most 2000 steps each)
-against the shakespeare-char recipe trained alone in the same run; both models are scored on the whole
-validation split (bench_nlg.full_val_loss). The compute the sweep spent is reported in tokens and in
+against the shakespeare-char recipe trained alone in the same run, and sweeps/nlg-optuna.yaml (the same space,
+scheduler and budget with Optuna's TPE instead of random search); every model is scored on the whole validation
+split (bench_nlg.full_val_loss). The compute the sweep spent is reported in tokens and in
 recipe-run equivalents. One sweep (it is itself 8 runs); --skip-quality keeps the quality section of an
 earlier benchmarks/out/tune.json, which carries the date it was measured.
 
@@ -85,21 +86,29 @@ def overhead(ds: str, storage: Path, repeats: int) -> dict:
     return medians(sweeps)
 
 
-def quality(ds: str, storage: Path, val) -> dict:
-    recipe = ours(ds, storage, "recipe", 2000, 1)
-    recipe_val = full_val_loss(load_model(str(recipe["run"])).model, val, 64)
-    wall, folder, stdout = sweep(ROOT / "sweeps" / "nlg-shakespeare-asha.yaml", storage, ds)
+def best_of_sweep(sweep_file: Path, storage: Path, ds: str, val) -> dict:
+    """Run a sweep; its best finished trial scored on the whole validation split, and what the sweep spent."""
+    wall, folder, _ = sweep(sweep_file, storage, ds)
     rows = list(csv.DictReader(open(folder / "results.csv")))
     done = [r for r in rows if r["status"] == "DONE"]
     best = min(done, key=lambda r: float(r["final_val_loss"]))
-    best_val = full_val_loss(load_model(best["run"]).model, val, 64)
-    tokens = sum(t["tokens"] for t in trial_results(folder))
-    recipe_tokens = 2000 * 12 * 64
-    return {"measured": time.strftime("%Y-%m-%d"), "recipe_val_loss": recipe_val, "recipe_wall_s": recipe["wall_s"],
-            "sweep_val_loss": best_val, "sweep_wall_s": wall, "best": {k: best[k] for k in ("trial", "train.lr", "model.n_embd")},
+    return {"val_loss": full_val_loss(load_model(best["run"]).model, val, 64), "wall_s": wall,
+            "best": {k: best[k] for k in ("trial", "train.lr", "model.n_embd")},
             "trials": [{k: r[k] for k in ("train.lr", "model.n_embd", "step", "final_val_loss", "status")}
                        for r in rows],
-            "tokens": tokens, "budget_recipe_runs": tokens / recipe_tokens}
+            "tokens": sum(t["tokens"] for t in trial_results(folder))}
+
+
+def quality(ds: str, storage: Path, val) -> dict:
+    recipe = ours(ds, storage, "recipe", 2000, 1)
+    recipe_val = full_val_loss(load_model(str(recipe["run"])).model, val, 64)
+    random_search = best_of_sweep(ROOT / "sweeps" / "nlg-shakespeare-asha.yaml", storage, ds, val)
+    tpe = best_of_sweep(ROOT / "sweeps" / "nlg-optuna.yaml", storage, ds, val)
+    recipe_tokens = 2000 * 12 * 64
+    return {"measured": time.strftime("%Y-%m-%d"), "recipe_val_loss": recipe_val, "recipe_wall_s": recipe["wall_s"],
+            "sweep_val_loss": random_search["val_loss"], "sweep_wall_s": random_search["wall_s"],
+            "best": random_search["best"], "trials": random_search["trials"], "tokens": random_search["tokens"],
+            "budget_recipe_runs": random_search["tokens"] / recipe_tokens, "tpe": tpe}
 
 
 def main() -> None:
@@ -133,6 +142,13 @@ def main() -> None:
         print(f"| compute: tokens trained | {q['tokens']:,} ({q['budget_recipe_runs']:.1f} recipe runs) "
               f"| {2000 * 12 * 64:,} | - |")
         print(f"| wall s | {q['sweep_wall_s']:.0f} | {q['recipe_wall_s']:.0f} | - |")
+        if "tpe" in q:
+            t = q["tpe"]
+            print("\n| same budget and space (8 trials, ASHA) | TPE (optuna) | random | TPE / random |\n|---|---|---|---|")
+            print(f"| best val loss (whole val split) | {t['val_loss']:.4f} (lr {float(t['best']['train.lr']):.2e}, "
+                  f"n_embd {t['best']['model.n_embd']}) | {q['sweep_val_loss']:.4f} | {t['val_loss'] / q['sweep_val_loss']:.3f} |")
+            print(f"| tokens trained | {t['tokens']:,} | {q['tokens']:,} | {t['tokens'] / q['tokens']:.2f} |")
+            print(f"| wall s | {t['wall_s']:.0f} | {q['sweep_wall_s']:.0f} | {t['wall_s'] / q['sweep_wall_s']:.2f} |")
         verdict = "PASS" if q["sweep_val_loss"] < q["recipe_val_loss"] else "FAIL"
         print(f"\nbar: the sweep's best beats the recipe: {q['sweep_val_loss']:.4f} < {q['recipe_val_loss']:.4f} "
               f"-> {verdict}")

@@ -137,9 +137,19 @@ def _scheduler(sched, *, mutations: dict, max_t: int, checkpoint_interval: int):
     return FIFOScheduler()
 
 
+def _search_alg(search: str, seed: int | None):
+    """Tune's search algorithm: None (Tune's own random/grid sampling of the param space) or OptunaSearch (TPE;
+    Tune gives it the metric, mode and the param space's domains)."""
+    if search != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=seed)
+
+
 def run_sweep(trial_fn: Callable[[dict], None], parameters: dict, *, name: str, storage: str, metric: str,
               mode: str, num_samples: int, max_concurrent_trials: int, scheduler, max_t: int,
-              checkpoint_interval: int, resume: bool):
+              checkpoint_interval: int, resume: bool, search: str = "random", seed: int | None = None):
     """Run (or with `resume`, continue) a sweep; returns Tune's ResultGrid.
 
     The trial driver takes almost no CPU: the resources are reserved by each trial's Ray Train workers.
@@ -161,6 +171,7 @@ def run_sweep(trial_fn: Callable[[dict], None], parameters: dict, *, name: str, 
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=max_concurrent_trials,
+            search_alg=_search_alg(search, seed),
             scheduler=_scheduler(scheduler, mutations=mutations, max_t=max_t,
                                  checkpoint_interval=checkpoint_interval)),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,

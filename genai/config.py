@@ -565,7 +565,10 @@ class SweepConfig(_Section):
     base_recipe: str = Field("tiny", description="Shipped recipe name or YAML path every trial starts from.")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to the base recipe.")
     parameters: dict[str, ParamSpec] = Field(description="Searched fields, by recipe path (e.g. train.lr).")
-    search: Literal["random", "grid"] = Field("random", description="random samples num_samples configs; grid tries all grid values.")
+    search: Literal["random", "grid", "optuna"] = Field("random", description=(
+        "random samples num_samples configs; grid tries all grid values; optuna (Bayesian, Optuna's TPE sampler "
+        "through Tune's OptunaSearch) picks each new trial's values from the results so far."))
+    seed: int | None = Field(None, description="optuna: the TPE sampler's seed, for a repeatable search (null: random).")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metric: str = Field("val_loss", description="Reported metric to optimise.")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
@@ -581,9 +584,11 @@ class SweepConfig(_Section):
         if self.search == "grid" and any(v != "grid" for v in kinds.values()):
             bad = next(k for k, v in kinds.items() if v != "grid")
             raise ValueError(f"parameters.{bad}: search=grid needs grid values for every parameter")
-        if self.search == "random" and "grid" in kinds.values():
+        if self.search != "grid" and "grid" in kinds.values():
             bad = next(k for k, v in kinds.items() if v == "grid")
-            raise ValueError(f"parameters.{bad}: grid values need search=grid (use choice for random search)")
+            raise ValueError(f"parameters.{bad}: grid values need search=grid (use choice for {self.search} search)")
+        if self.search == "optuna" and self.scheduler.type == "pbt":
+            raise ValueError("search=optuna with scheduler.type=pbt: PBT picks the new values itself (use search=random)")
         return self
 
 

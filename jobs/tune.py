@@ -94,7 +94,7 @@ def main() -> int:
                         mode=sweep.mode, num_samples=sweep.num_samples,
                         max_concurrent_trials=sweep.max_concurrent_trials, scheduler=sweep.scheduler,
                         max_t=base_recipe.train.max_steps, checkpoint_interval=base_recipe.train.checkpoint_interval,
-                        resume=args.resume)
+                        resume=args.resume, search=sweep.search, seed=sweep.seed)
     rows = []
     for r in results:
         metrics = r.metrics or {}

@@ -35,6 +35,8 @@ def test_shipped_sweeps_are_valid():
         "train.lr", "model.n_embd"}
     sweep, base = load_sweep("sweeps/nlg-shakespeare-asha.yaml")
     assert base.name == "shakespeare-char" and sweep.num_samples == 8
+    sweep, base = load_sweep("sweeps/nlg-optuna.yaml")
+    assert sweep.search == "optuna" and sweep.scheduler.type == "asha" and base.name == "shakespeare-char"
     sweep, base = load_sweep("sweeps/nlg-pbt.yaml")
     assert sweep.scheduler.type == "pbt" and sweep.scheduler.perturbation_interval % base.train.checkpoint_interval == 0
 
@@ -45,6 +47,9 @@ def test_shipped_sweeps_are_valid():
     ({"parameters": {"train.lr": {"choice": [1], "grid": [2]}}}, "give exactly one of"),
     ({"parameters": {"model.n_head": {"grid": [3]}}}, "not divisible by model.n_head=3"),
     ({"search": "random"}, "grid values need search=grid"),
+    ({"search": "optuna"}, "grid values need search=grid (use choice for optuna search"),
+    ({"search": "optuna", "scheduler": {"type": "pbt"}, "parameters": {"train.lr": {"loguniform": [1e-4, 1e-2]}}},
+     "search=optuna with scheduler.type=pbt: PBT picks the new values itself"),
     ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
     ({"scheduler": {"type": "pbt"}, "parameters": {"model.n_embd": {"grid": [32, 64]}}},
      "parameters.model.n_embd: PBT continues trials from other trials' checkpoints"),
@@ -86,6 +91,23 @@ def test_asha_stops_the_bad_trial_and_a_crashing_trial_does_not_stop_the_sweep(c
     acc.Reload()
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
     assert acc.Scalars("hparams/final_val_loss")[0].value == pytest.approx(float(good["final_val_loss"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_optuna_tpe_search_with_asha_runs_every_trial_in_the_ranges(char_dataset, tmp_path):
+    sweep = write(tmp_path, search="optuna", seed=0, num_samples=4, max_concurrent_trials=2,
+                  parameters={"train.lr": {"loguniform": [1.0e-5, 3.0e-3]}, "model.n_embd": {"choice": [32, 48]}},
+                  overrides=["train.max_steps=40", "train.eval_interval=10", "train.checkpoint_interval=20",
+                             "train.sample_interval=0"], scheduler={"type": "asha", "grace_period": 10})
+    r = run_job("tune.py", "--sweep", sweep, "--storage", str(tmp_path / "runs"), "--set", f"data.uri={char_dataset}")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "t" / "results.csv")))
+    assert len(rows) == 4 and {row["status"] for row in rows} <= {"DONE", "STOPPED"}
+    assert all(1e-5 <= float(row["train.lr"]) <= 3e-3 and int(row["model.n_embd"]) in (32, 48) for row in rows)
+    assert len({row["train.lr"] for row in rows}) == 4
+    assert any(int(row["step"]) == 40 for row in rows)
+    # The values came from Optuna's sampler: Tune keeps its state beside the experiment (a random search has none).
+    assert list((tmp_path / "runs" / "t").glob("searcher-state-*.pkl")), sorted(p.name for p in (tmp_path / "runs" / "t").iterdir())
 
 
 @pytest.mark.slow
