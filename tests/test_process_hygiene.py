@@ -182,6 +182,59 @@ def test_a_training_job_takes_its_embedded_ray_down_however_it_is_stopped(sig, c
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def tune_job(data: str, tmp_path: Path) -> list[str]:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbase_recipe: tiny\noverrides: [train.max_steps=100000, train.sample_interval=0]\n"
+                     "parameters: {train.lr: {choice: [0.001, 0.002]}}\nscheduler: {type: fifo}\n"
+                     "num_samples: 2\nmax_concurrent_trials: 1\n")
+    return ["tune.py", "--sweep", str(sweep), "--storage", str(tmp_path / "runs"), "--set", f"data.uri={data}"]
+
+
+def prepare_job(corpus: Path, tmp_path: Path) -> list[str]:
+    folder = tmp_path / "corpus"  # several files: Ray Data actors tokenize them in parallel
+    folder.mkdir()
+    text = corpus.read_text()
+    for i in range(16):
+        (folder / f"part{i:02d}.txt").write_text(text)
+    return ["prepare_data.py", "--source", str(folder), "--out", str(tmp_path / "ds"), "--workers", "2"]
+
+
+# Each signal once over the two jobs (the training job above takes all four): both stop their embedded Ray the
+# same way, through Ray's fate sharing with the driver process, whatever ends it.
+@pytest.mark.slow
+@pytest.mark.parametrize("which, sig", [("tune", signal.SIGTERM), ("tune", signal.SIGKILL),
+                                        ("prepare", signal.SIGINT), ("prepare", signal.SIGHUP)],
+                         ids=["tune-SIGTERM", "tune-SIGKILL", "prepare-SIGINT", "prepare-SIGHUP"])
+def test_a_sweep_or_a_preparation_takes_its_embedded_ray_down_however_it_is_stopped(which, sig, char_dataset,
+                                                                                   corpus_file, tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="gh", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="", GENAI_RAY_TMPDIR=temp_dir)
+    script, *args = tune_job(char_dataset, tmp_path) if which == "tune" else prepare_job(corpus_file, tmp_path)
+    # What shows the job is at work on Ray: a trial's training worker, or a Ray Data actor tokenizing.
+    busy = "RayTrainWorker" if which == "tune" else "MapWorker"
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs: list[psutil.Process] = []
+    try:
+        def at_work() -> bool:
+            nonlocal procs
+            try:  # Ray's workers retitle themselves (ray::RayTrainWorker...): found as the job's descendants
+                procs = [*ray_processes_of(temp_dir), *psutil.Process(job.pid).children(recursive=True)]
+                return job.poll() is not None or any(busy in " ".join(p.cmdline()) for p in procs if not gone(p))
+            except psutil.Error:
+                return False
+
+        wait_until(at_work, 240, f"{which}: a {busy} process of the job's embedded Ray")
+        assert job.poll() is None, f"{which} ended before the signal ({job.returncode})"
+        job.send_signal(sig)
+        job.wait(timeout=120)
+        wait_until(lambda: not ray_processes_of(temp_dir), 30, f"the embedded Ray gone after {sig.name} to {which}")
+    finally:
+        job.kill()
+        kill_leftovers(procs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 PARENT = '''
 import subprocess, sys, time
 from cluster.processes import die_with_parent
