@@ -79,8 +79,9 @@ def build_deepspeed_config(ds: Any, train: Any, num_workers: int, use_gpu: bool)
 
 
 def gan_engine_config(ds: Any, train: Any, lr: float, num_workers: int, use_gpu: bool) -> dict:
-    """One GAN network's DeepSpeed config: `ds` is its part of the recipe's `deepspeed` section, `train` the
-    GAN recipe's `train` section (batch per worker, no accumulation, Adam without weight decay)."""
+    """One image network's DeepSpeed config (GAN, VAE, SR, CycleGAN): `ds` is its part of the recipe's `deepspeed`
+    section, `train` the recipe's `train` section (batch_size per worker, no accumulation, grad_clip, precision,
+    Adam's beta1/beta2 without weight decay)."""
     opt = SimpleNamespace(micro_batch_size=train.batch_size, grad_accum=1, grad_clip=train.grad_clip,
                           precision=train.precision, lr=lr, beta1=train.beta1, beta2=train.beta2, weight_decay=0.0)
     return build_deepspeed_config(ds, opt, num_workers, use_gpu)

@@ -399,7 +399,254 @@ class GANRecipe(_Section):
         return self
 
 
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"gpt": NLGRecipe, "gan": GANRecipe}
+def _fp16_needs_gpu(train, cluster) -> None:
+    if train.precision == "fp16" and not cluster.use_gpu:
+        raise ValueError("train.precision=fp16 needs cluster.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only)")
+
+
+def _no_zero3(path: str, ds: DeepSpeedSection, kind: str) -> None:
+    if ds.zero_stage == 3:
+        raise ValueError(f"{path}.zero_stage=3 is not supported for {kind} recipes (samples and evaluation run the "
+                         "whole network on rank 0); use 0-2")
+
+
+class ImageTrainConfig(_Section):
+    """Optimisation, evaluation, logging and checkpointing shared by the image families (vae, sr, cyclegan)."""
+
+    batch_size: int = Field(32, ge=2, description="Images (or image pairs) per worker per step.")
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps to train for.")
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate (Adam) of every network.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1.")
+    beta2: float = Field(0.999, gt=0.0, lt=1.0, description="Adam beta2.")
+    grad_clip: float = Field(0.0, ge=0.0, description="Clip each network's gradient norm to this value; 0 disables.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision: auto = bf16 on GPU, fp32 on CPU.")
+    seed: int = Field(1337, description="Seed for weights, noise and data order.")
+    log_interval: int = Field(25, ge=1, description="Steps between progress lines and scalar logs.")
+    eval_interval: int = Field(500, ge=1, description="Steps between evaluations on held-out images.")
+    eval_samples: int = Field(1000, ge=1, description="Held-out (and generated) images per evaluation.")
+    sample_interval: int = Field(250, ge=0, description="Steps between sample grids (TensorBoard + PNG); 0 disables.")
+    sample_grid: int = Field(64, ge=2, le=1024, description="Images in each sample grid.")
+    checkpoint_interval: int = Field(500, ge=1, description="Steps between checkpoints (the run always checkpoints at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept in storage.")
+
+
+class VAEModelConfig(_Section):
+    """Convolutional VAE shape, prior and likelihood (genai/models/vae.py)."""
+
+    image_size: int = Field(28, ge=4, description="Image height and width; must match the dataset and be divisible by 4.")
+    channels: int = Field(1, ge=1, le=4, description="Image channels; must match the dataset.")
+    z_dim: int = Field(16, ge=1, description="Latent dimensions (standard Gaussian prior).")
+    width: int = Field(32, ge=1, description="Channels of the first conv stage (the second has twice as many).")
+    hidden: int = Field(256, ge=4, description="Fully connected layer between the conv features and the latent.")
+    conditional: bool = Field(False, description="Class-conditional encoder and decoder (a label embedding).")
+    beta: float = Field(1.0, ge=0.0, description="Weight of the KL term in the training loss (beta-VAE); the ELBO uses 1.")
+    likelihood: Literal["bernoulli", "gaussian"] = Field(
+        "bernoulli", description="bernoulli (decoder logits, BCE summed over pixels) or gaussian (fixed sigma).")
+    sigma: float = Field(0.1, gt=0.0, description="The gaussian likelihood's standard deviation, in [-1, 1] pixel units.")
+
+    @model_validator(mode="after")
+    def _size(self) -> "VAEModelConfig":
+        if self.image_size % 4:
+            raise ValueError(f"model.image_size={self.image_size} must be divisible by 4")
+        return self
+
+
+_CLASSIFIER = Field(None, description=(
+    "Digit classifier (jobs/train_classifier.py output) for the digit metrics; null: none."))
+
+
+class VAETrainConfig(ImageTrainConfig):
+    """VAE optimisation; evaluation is the negative ELBO on the val split (and digit metrics with a classifier)."""
+
+    classifier: str | None = _CLASSIFIER
+
+
+class VAERecipe(_Section):
+    """A variational autoencoder training recipe (optionally class-conditional, beta-weighted KL)."""
+
+    kind: Literal["vae"] = Field("vae", description="Recipe kind: vae.")
+    name: PathName = Field("custom-vae", description=f"Recipe name (defaults the run name); {NAME_RULE}.")
+    model: VAEModelConfig = Field(default_factory=VAEModelConfig)
+    data: ImageDataConfig = Field(default_factory=ImageDataConfig)
+    train: VAETrainConfig = Field(default_factory=VAETrainConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "VAERecipe":
+        _fp16_needs_gpu(self.train, self.cluster)
+        _no_zero3("deepspeed", self.deepspeed, "vae")
+        return self
+
+
+class PhotoDataConfig(_Section):
+    """Where the photographs come from (super-resolution)."""
+
+    uri: str | None = Field(
+        None, description="Prepared photo dataset (a folder or URI holding manifest.json). Null: prepare `source` into the cache.")
+    source: str = Field("builtin:photos", description=(
+        "Photos to prepare when `uri` is null: builtin:photos (scikit-image's bundled photographs, offline) or "
+        "images:<folder or s3:// prefix of PNG/JPEG files>."))
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of an images: source's files held out (at least one).")
+    cache_dir: str = Field("~/.cache/genai-cluster/datasets", description="Where datasets prepared on first use are kept.")
+
+
+class SRModelConfig(_Section):
+    """SRResNet shape, and the SRGAN-style adversarial fine-tune (genai/models/sr.py)."""
+
+    scale: Literal[2, 4] = Field(4, description="Upscaling factor.")
+    channels: Literal[1, 3] = Field(3, description="Image channels (the photos are prepared with as many).")
+    features: int = Field(64, ge=1, description="SRResNet width.")
+    blocks: int = Field(16, ge=0, description="Residual blocks.")
+    bicubic_skip: bool = Field(True, description=(
+        "Predict a correction to the bicubic upscaling (an untrained model is exactly bicubic)."))
+    pixel_loss: Literal["l1", "mse"] = Field("l1", description="Pixel loss of the generator.")
+    adversarial: bool = Field(False, description=(
+        "SRGAN: train a discriminator too (deepspeed.discriminator) and add its adversarial and feature terms."))
+    adversarial_loss: Literal["nonsaturating", "relativistic"] = Field(
+        "relativistic", description="nonsaturating (SRGAN) or relativistic average (ESRGAN).")
+    perceptual: Literal["none", "discriminator"] = Field("none", description=(
+        "Perceptual term: none, or the distance between the discriminator's features of the output and the "
+        "original (a feature network the run trains itself; nothing is downloaded). Needs model.adversarial."))
+    ndf: int = Field(32, ge=1, description="Discriminator width.")
+
+
+class SRTrainConfig(ImageTrainConfig):
+    """Super-resolution optimisation: random crops of the training photos, downscaled for the input; evaluation is
+    PSNR/SSIM on the held-out photos beside bicubic upscaling."""
+
+    patch_size: int = Field(96, ge=4, description=(
+        "High-resolution crop side (pixels, a multiple of model.scale); every training photo must be at least this big."))
+    augment: bool = Field(True, description="Random flips and quarter turns of each crop.")
+    lr_d: float = Field(1e-4, gt=0.0, description="Discriminator learning rate (Adam; model.adversarial only).")
+    pixel_weight: float = Field(1.0, ge=0.0, description="Weight of the pixel loss.")
+    feature_weight: float = Field(1.0, ge=0.0, description="Weight of the perceptual term (model.perceptual).")
+    adversarial_weight: float = Field(5e-3, ge=0.0, description="Weight of the adversarial term (model.adversarial).")
+    eval_size: int = Field(256, ge=16, description="Held-out photos are centre-cropped to at most this side for evaluation.")
+    init_from: str | None = Field(None, description=(
+        "Start the generator from another SR run's weights (a run, export or checkpoint folder of the same scale, "
+        "channels, features and blocks), e.g. an SRResNet run before an SRGAN fine-tune. Null: from scratch. A "
+        "resumed run continues from its own checkpoint."))
+
+
+class TwoEngineDeepSpeed(_Section):
+    """One DeepSpeed engine per network, each with its own optimizer and ZeRO stage (0-2)."""
+
+    generator: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+    discriminator: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+
+
+class SRRecipe(_Section):
+    """A super-resolution training recipe: SRResNet (pixel loss) or an SRGAN-style adversarial fine-tune."""
+
+    kind: Literal["sr"] = Field("sr", description="Recipe kind: sr.")
+    name: PathName = Field("custom-sr", description=f"Recipe name (defaults the run name); {NAME_RULE}.")
+    model: SRModelConfig = Field(default_factory=SRModelConfig)
+    data: PhotoDataConfig = Field(default_factory=PhotoDataConfig)
+    train: SRTrainConfig = Field(default_factory=SRTrainConfig)
+    deepspeed: TwoEngineDeepSpeed = Field(default_factory=TwoEngineDeepSpeed)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SRRecipe":
+        m, t = self.model, self.train
+        _fp16_needs_gpu(t, self.cluster)
+        for name in ("generator", "discriminator"):
+            _no_zero3(f"deepspeed.{name}", getattr(self.deepspeed, name), "sr")
+        if t.patch_size % m.scale:
+            raise ValueError(f"train.patch_size={t.patch_size} is not a multiple of model.scale={m.scale}")
+        if m.perceptual != "none" and not m.adversarial:
+            raise ValueError(f"model.perceptual={m.perceptual} needs model.adversarial=true (its features are the "
+                             "discriminator's)")
+        return self
+
+
+class TranslationDataConfig(_Section):
+    """The two unpaired image domains (genai/data/digit_domains.py)."""
+
+    domain_a: str | None = Field(None, description=(
+        "Prepared image dataset (jobs/prepare_data.py) of domain A. Null, with domain_b null: the builtin pair, "
+        "builtin:digits (A) and a stroke-style variant of other digits of it (B, data.style)."))
+    domain_b: str | None = Field(None, description="Prepared image dataset of domain B (given with domain_a).")
+    style: Literal["bold", "thin", "invert"] = Field("bold", description="The builtin pair's domain B style.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="The builtin pair's held-out share of the digits.")
+
+    @model_validator(mode="after")
+    def _both_domains(self) -> "TranslationDataConfig":
+        if (self.domain_a is None) != (self.domain_b is None):
+            given, missing = ("domain_a", "domain_b") if self.domain_b is None else ("domain_b", "domain_a")
+            raise ValueError(f"data.{given} is set but data.{missing} is not: translation needs two domains (or "
+                             "neither, for the builtin pair of digit domains)")
+        return self
+
+
+class CycleGANModelConfig(_Section):
+    """CycleGAN generators, PatchGAN discriminators and the loss weights (genai/models/cyclegan.py)."""
+
+    image_size: int = Field(28, ge=4, description="Image height and width of both domains; divisible by 4.")
+    channels_a: int = Field(1, ge=1, le=4, description="Domain A's image channels; must match its data.")
+    channels_b: int = Field(1, ge=1, le=4, description="Domain B's image channels; must match its data.")
+    ngf: int = Field(32, ge=1, description="Generator width.")
+    ndf: int = Field(32, ge=1, description="Discriminator width.")
+    blocks: int = Field(6, ge=0, description="Residual blocks in each generator.")
+    d_layers: int = Field(2, ge=1, description="Strided convolutions of each PatchGAN discriminator.")
+    lambda_cycle: float = Field(10.0, ge=0.0, description="Weight of the cycle-consistency losses.")
+    lambda_identity: float = Field(0.5, ge=0.0, description=(
+        "Identity loss weight as a fraction of lambda_cycle (0 when the domains' channels differ)."))
+    pool_size: int = Field(50, ge=0, description="Generated images in each discriminator's history pool; 0: none.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "CycleGANModelConfig":
+        if self.image_size % 4:
+            raise ValueError(f"model.image_size={self.image_size} must be divisible by 4")
+        if self.image_size >> self.d_layers < 3:
+            raise ValueError(f"model.d_layers={self.d_layers} halves {self.image_size}x{self.image_size} images below "
+                             "3x3 (lower it)")
+        if self.lambda_identity and self.channels_a != self.channels_b:
+            raise ValueError(f"model.lambda_identity must be 0 when the domains' channels differ (channels_a="
+                             f"{self.channels_a}, channels_b={self.channels_b})")
+        return self
+
+
+class CycleGANTrainConfig(ImageTrainConfig):
+    """CycleGAN optimisation (Adam for all four networks); evaluation is the cycle L1 on held-out images of both
+    domains and, with a digit classifier, label preservation in both directions."""
+
+    lr: float = Field(2e-4, gt=0.0, description="Learning rate (Adam) of the generators and discriminators.")
+    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam beta1 (the paper's 0.5).")
+    classifier: str | None = _CLASSIFIER
+
+
+class CycleGANDeepSpeed(_Section):
+    """Four DeepSpeed engines: both generators share one section, both discriminators the other (ZeRO 0-2)."""
+
+    generators: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+    discriminators: DeepSpeedSection = Field(default_factory=lambda: DeepSpeedSection(zero_stage=2))
+
+
+class CycleGANRecipe(_Section):
+    """An unpaired image-to-image translation recipe (CycleGAN)."""
+
+    kind: Literal["cyclegan"] = Field("cyclegan", description="Recipe kind: cyclegan.")
+    name: PathName = Field("custom-cyclegan", description=f"Recipe name (defaults the run name); {NAME_RULE}.")
+    model: CycleGANModelConfig = Field(default_factory=CycleGANModelConfig)
+    data: TranslationDataConfig = Field(default_factory=TranslationDataConfig)
+    train: CycleGANTrainConfig = Field(default_factory=CycleGANTrainConfig)
+    deepspeed: CycleGANDeepSpeed = Field(default_factory=CycleGANDeepSpeed)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CycleGANRecipe":
+        _fp16_needs_gpu(self.train, self.cluster)
+        for name in ("generators", "discriminators"):
+            _no_zero3(f"deepspeed.{name}", getattr(self.deepspeed, name), "cyclegan")
+        return self
+
+
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"gpt": NLGRecipe, "gan": GANRecipe, "vae": VAERecipe, "sr": SRRecipe, "cyclegan": CycleGANRecipe}
+# The job that trains each kind (jobs/train.py trains them all).
+KIND_JOBS = {"gpt": "jobs/train_nlg.py", "gan": "jobs/train_gan.py"}
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -489,7 +736,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, kind: str
     apply_overrides(data, overrides or [])
     recipe = validate_recipe(data, origin=str(path))
     if kind and recipe.kind != kind:
-        job = {"gpt": "jobs/train_nlg.py", "gan": "jobs/train_gan.py"}[recipe.kind]
+        job = KIND_JOBS.get(recipe.kind, "jobs/train.py")
         raise ConfigError(f"{path}: a {recipe.kind} recipe, not a {kind} recipe (train it with {job})")
     return recipe
 

@@ -11,7 +11,9 @@ A GPT run's:
                          special_tokens_map.json
     export.json          the index naming the files, written last (genai/sampling.py reads the export through it)
 
-A GAN run's: generator.pt (the EMA generator's fp32 weights), model_config.json (GANConfig), recipe.yaml, export.json.
+An image model's (write_image_export): its fp32 weights, model_config.json, recipe.yaml and export.json; the weights
+are the EMA generator's for a GAN (generator.pt), the VAE's (vae.pt), the SRResNet's (generator.pt) and both
+CycleGAN generators' (generators.pt).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from genai.run import EXPORT_INDEX, MODEL_CONFIG_FILE, RECIPE_FILE
 WEIGHTS_FILE = "model.safetensors"
 HF_DIR = "hf"
 GAN_WEIGHTS_FILE = "generator.pt"
+# The weights file of each image family's export: the network that generation needs.
+IMAGE_WEIGHTS_FILES = {"gan": GAN_WEIGHTS_FILE, "vae": "vae.pt", "sr": GAN_WEIGHTS_FILE, "cyclegan": "generators.pt"}
 LEGACY_WEIGHTS_FILE = "model.pt"  # exports written before the move to safetensors
 # transformers refuses a safetensors file without this metadata.
 _SAFETENSORS_METADATA = {"format": "pt"}
@@ -51,17 +55,25 @@ def write_gpt_export(out: Location, state: dict[str, torch.Tensor], cfg: Decoder
     out.join(LEGACY_WEIGHTS_FILE).delete()  # a refreshed old export: the index no longer names it
 
 
-def write_gan_export(out: Location, state: dict[str, torch.Tensor], cfg, recipe_yaml: str, step: int) -> None:
-    """Write a GAN export into `out`: the EMA generator's weights in fp32, its GANConfig and the recipe; the index
-    last."""
+def write_image_export(out: Location, kind: str, state: dict[str, torch.Tensor], cfg, recipe_yaml: str, step: int,
+                       **extra) -> None:
+    """Write an image model's export into `out`: its fp32 weights (IMAGE_WEIGHTS_FILES[kind]), its config and the
+    recipe; the index last (with `extra` keys)."""
     buf = io.BytesIO()
     torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, buf)
-    out.join(GAN_WEIGHTS_FILE).write_bytes(buf.getvalue())
+    weights = IMAGE_WEIGHTS_FILES[kind]
+    out.join(weights).write_bytes(buf.getvalue())
     out.join(MODEL_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
     out.join(RECIPE_FILE).write_text(recipe_yaml)
     out.join(EXPORT_INDEX).write_text(json.dumps(
-        {"kind": "gan", "weights": GAN_WEIGHTS_FILE, "model_config": MODEL_CONFIG_FILE, "recipe": RECIPE_FILE,
-         "step": step, "dtype": "float32", "ema": True}, indent=2))
+        {"kind": kind, "weights": weights, "model_config": MODEL_CONFIG_FILE, "recipe": RECIPE_FILE,
+         "step": step, "dtype": "float32", **extra}, indent=2))
+
+
+def write_gan_export(out: Location, state: dict[str, torch.Tensor], cfg, recipe_yaml: str, step: int) -> None:
+    """Write a GAN export into `out`: the EMA generator's weights in fp32, its GANConfig and the recipe; the index
+    last."""
+    write_image_export(out, "gan", state, cfg, recipe_yaml, step, ema=True)
 
 
 def write_hf_export(out: Location, state: dict[str, torch.Tensor], cfg: DecoderConfig, tok: Tokenizer) -> None:

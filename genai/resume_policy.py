@@ -51,6 +51,34 @@ def _engine(prefix: str) -> dict[str, str]:
     }
 
 
+_IMAGE_DATA = {
+    "data.uri": DATASET,
+    "data.source": DATASET,
+    "data.val_fraction": DATASET,
+    "data.cache_dir": DATASET,
+    "data.shuffle_buffer": FIXED,
+}
+
+# genai/config.py ImageTrainConfig, shared by the vae, sr and cyclegan recipes.
+_IMAGE_TRAIN = {
+    "train.batch_size": FIXED,
+    "train.max_steps": FREE,
+    "train.lr": HPARAM,
+    "train.beta1": HPARAM,
+    "train.beta2": HPARAM,
+    "train.grad_clip": HPARAM,
+    "train.precision": FIXED,
+    "train.seed": FIXED,
+    "train.log_interval": FREE,
+    "train.eval_interval": FREE,
+    "train.eval_samples": FREE,
+    "train.sample_interval": FREE,
+    "train.sample_grid": FREE,
+    "train.checkpoint_interval": FREE,
+    "train.keep_checkpoints": FREE,
+}
+
+
 POLICY: dict[str, dict[str, str]] = {
     "gpt": {
         "kind": FIXED,
@@ -147,6 +175,77 @@ POLICY: dict[str, dict[str, str]] = {
         "train.collapse_patience": FREE,
         **_engine("deepspeed.generator"),
         **_engine("deepspeed.discriminator"),
+        **_CLUSTER,
+    },
+    "vae": {
+        "kind": FIXED,
+        "name": FREE,
+        "model.image_size": FIXED,
+        "model.channels": FIXED,
+        "model.z_dim": FIXED,
+        "model.width": FIXED,
+        "model.hidden": FIXED,
+        "model.conditional": FIXED,
+        "model.beta": HPARAM,  # the loss's KL weight, applied at every step
+        "model.likelihood": FIXED,  # what the decoder's outputs mean
+        "model.sigma": HPARAM,
+        **_IMAGE_DATA,
+        **_IMAGE_TRAIN,
+        "train.classifier": FREE,
+        **_engine("deepspeed"),
+        **_CLUSTER,
+    },
+    "sr": {
+        "kind": FIXED,
+        "name": FREE,
+        "model.scale": FIXED,
+        "model.channels": FIXED,
+        "model.features": FIXED,
+        "model.blocks": FIXED,
+        "model.bicubic_skip": FIXED,
+        "model.pixel_loss": FREE,
+        "model.adversarial": FIXED,  # whether a discriminator engine is in the checkpoints
+        "model.adversarial_loss": FREE,
+        "model.perceptual": FREE,
+        "model.ndf": FIXED,
+        "data.uri": DATASET,
+        "data.source": DATASET,
+        "data.val_fraction": DATASET,
+        "data.cache_dir": DATASET,
+        **_IMAGE_TRAIN,
+        "train.patch_size": FIXED,  # the training pairs of each step follow from it (and the seed)
+        "train.augment": FIXED,
+        "train.lr_d": HPARAM,
+        "train.pixel_weight": HPARAM,
+        "train.feature_weight": HPARAM,
+        "train.adversarial_weight": HPARAM,
+        "train.eval_size": FREE,
+        "train.init_from": FREE,  # only a fresh run reads it
+        **_engine("deepspeed.generator"),
+        **_engine("deepspeed.discriminator"),
+        **_CLUSTER,
+    },
+    "cyclegan": {
+        "kind": FIXED,
+        "name": FREE,
+        "model.image_size": FIXED,
+        "model.channels_a": FIXED,
+        "model.channels_b": FIXED,
+        "model.ngf": FIXED,
+        "model.ndf": FIXED,
+        "model.blocks": FIXED,
+        "model.d_layers": FIXED,
+        "model.lambda_cycle": HPARAM,
+        "model.lambda_identity": FIXED,  # whether the identity mappings are computed at all
+        "model.pool_size": FIXED,  # the saved pools hold this many images
+        "data.domain_a": DATASET,
+        "data.domain_b": DATASET,
+        "data.style": DATASET,
+        "data.val_fraction": DATASET,
+        **_IMAGE_TRAIN,
+        "train.classifier": FREE,
+        **_engine("deepspeed.generators"),
+        **_engine("deepspeed.discriminators"),
         **_CLUSTER,
     },
 }

@@ -10,7 +10,7 @@ generation (no Ray, no DeepSpeed here).
                                     recipe and what sampling needs: the tokenizer, the EMA generator)
     checkpoint_manager_snapshot.json  Ray's registry of the checkpoints it finished
     tensorboard/                    rank 0's events
-    samples/                        image samples (GAN)
+    samples/                        image sample grids (gan, vae, sr, cyclegan)
     export/                         the final model; its export.json index, written last, names the kind and files
 """
 
@@ -162,7 +162,7 @@ def find_model_source(uri: str) -> tuple[str, Location]:
 
 
 def model_kind(uri: str) -> str:
-    """'gpt' or 'gan' for a run, export or checkpoint folder."""
+    """The kind of model ('gpt', 'gan', 'vae', 'sr', 'cyclegan') of a run, export or checkpoint folder."""
     source, loc = find_model_source(uri)
     index = loc.join(EXPORT_INDEX if source == "export" else TRAINER_STATE)
     return json.loads(index.read_text()).get("kind", "gpt")

@@ -36,7 +36,7 @@ def main() -> int:
     import torch
 
     from genai.sampling import load_generator
-    from genai.train.gan import QualityEval, plan_gan_run
+    from genai.train.gan import QualityEval, generator_quality, plan_gan_run
 
     generator = load_generator(args.checkpoint)
     kind, loc = find_model_source(args.checkpoint)
@@ -46,8 +46,8 @@ def main() -> int:
     if args.data:
         recipe.data.uri = args.data
     data_uri = plan_gan_run(recipe, log=lambda *_: None).data_uri
-    figures = QualityEval(args.classifier, data_uri, args.num, torch.device("cpu"))(generator.model,
-                                                                                   generator.config, args.seed)
+    figures = generator_quality(QualityEval(args.classifier, data_uri, args.num, torch.device("cpu")),
+                                generator.model, generator.config, args.seed)
     figures = {"checkpoint": generator.source, "step": generator.step, "num": args.num, **figures}
     if args.json_out:
         print(json.dumps(figures))

@@ -7,6 +7,8 @@ or labelled images (for GANs).
            --bpe-vocab-size 50257 --out s3://datasets/fw-bpe
     python jobs/prepare_data.py --source builtin:digits --out ~/datasets/digits
     python jobs/prepare_data.py --source mnist:~/data/mnist --out s3://bucket/mnist
+    python jobs/prepare_data.py --source images:~/photos --out ~/datasets/photos      # super-resolution
+    python jobs/prepare_data.py --source builtin:photos --out ~/datasets/photos
 
 Text sources: a file; a folder or s3:// prefix of .txt/.md files (one document each) and .jsonl, .jsonl.gz and
 .parquet files (one document per line or row, its text in --text-column); an http(s):// URL; builtin:shakespeare
@@ -15,7 +17,10 @@ written as shards fill, an end-of-text token between documents, so memory does n
 corpus is tokenized in parallel by Ray Data (--workers), on an embedded local Ray or the cluster in RAY_ADDRESS;
 the dataset is the same as a single-process preparation (--workers 0) of the same input.
 
-Image sources (mnist:..., builtin:digits) ignore the text-only flags (--tokenizer, --bpe-vocab-size,
+Photo sources, for super-resolution: images:<folder or s3:// prefix> (every .png/.jpg/.jpeg file under it, any
+size; a seeded --val-fraction of the files held out) or builtin:photos (scikit-image's bundled photographs, offline).
+
+Image and photo sources (mnist:..., builtin:digits, images:..., builtin:photos) ignore the text-only flags (--tokenizer, --bpe-vocab-size,
 --chunk-tokens, --shard-tokens, --text-column, --workers, --bpe-sample-mb).
 """
 
@@ -26,6 +31,7 @@ import functools
 import _cli
 from cluster.storage import check_access
 from genai.data.image_dataset import is_image_source, prepare_image_dataset
+from genai.data.photo_dataset import is_photo_source, prepare_photo_dataset
 from genai.data.text_dataset import TextPreparation, map_in_process, plan_text_preparation, run_text_preparation
 
 PARALLEL_MIN_BYTES = 64_000_000  # below this, starting Ray costs more than it saves
@@ -36,7 +42,8 @@ def main() -> int:
     p.add_argument("--source", required=True,
                    help="text: a file, a folder or s3:// prefix of .txt/.md/.jsonl/.jsonl.gz/.parquet files, an "
                         "http(s):// URL, or builtin:shakespeare / builtin:pydoc; images: mnist:<folder or URI of the MNIST IDX files>, mnist:download, "
-                        "or builtin:digits (scikit-learn's 8x8 digits resized to 28x28, offline)")
+                        "or builtin:digits (scikit-learn's 8x8 digits resized to 28x28, offline); photos (super-resolution): "
+                        "images:<folder or s3:// prefix of PNG/JPEG files> or builtin:photos")
     p.add_argument("--out", required=True, help="output folder or URI (local path, file:// or s3://)")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
                    help="text: char (nanoGPT) or byte-level BPE")
@@ -56,10 +63,14 @@ def main() -> int:
                    help="text: tokenizer processes under Ray Data; 0 tokenizes in this process without Ray; default: "
                         f"0 for a corpus under {PARALLEL_MIN_BYTES // 1_000_000} MB or of one part, else one per CPU "
                         "of the Ray cluster")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="photos: 3 (RGB) or 1 (grey)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared at --out")
     args = p.parse_args()
     check_access(args.out)
-    if is_image_source(args.source):
+    if is_photo_source(args.source):
+        prepare_photo_dataset(args.source, args.out, channels=args.channels, val_fraction=args.val_fraction,
+                              overwrite=args.overwrite)
+    elif is_image_source(args.source):
         prepare_image_dataset(args.source, args.out, val_fraction=args.val_fraction, shard_rows=args.shard_rows,
                               overwrite=args.overwrite)
     else:

@@ -1,4 +1,5 @@
-"""Train a model of any family with Ray Train + DeepSpeed: the recipe's `kind` picks the family (gpt, gan).
+"""Train a model of any family with Ray Train + DeepSpeed: the recipe's `kind` picks the family (gpt, gan, vae, sr,
+cyclegan).
 
 Runs on an embedded local Ray, or on the cluster in RAY_ADDRESS (as under `ray job submit`).
 Rerunning with the same --name (and storage) resumes from the run's latest checkpoint.
@@ -6,6 +7,7 @@ jobs/train_nlg.py and jobs/train_gan.py are this job for one kind (with its defa
 
     python jobs/train.py --recipe tiny
     python jobs/train.py --recipe tiny-gan --name quick
+    python jobs/train.py --recipe tiny-vae | tiny-sr | tiny-translate
 """
 
 from __future__ import annotations

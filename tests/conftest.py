@@ -73,7 +73,7 @@ def classifier(digits_dataset, tmp_path_factory) -> str:
 # Jobs that start Ray run on one Ray cluster shared by the whole test session (started on first use): each
 # run then connects in about a second instead of starting and stopping an embedded Ray of its own. A test
 # that needs the embedded Ray passes env={"RAY_ADDRESS": ""}.
-RAY_JOBS = {"train_nlg.py", "train_gan.py", "tune.py", "prepare_data.py"}
+RAY_JOBS = {"train.py", "train_nlg.py", "train_gan.py", "tune.py", "prepare_data.py"}
 
 
 class SharedServices:
@@ -136,6 +136,17 @@ def run_job(script: str, *args: str, timeout: float = 600, env: dict | None = No
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def exported_weights(run: Path, kind: str, step: int | None = None) -> dict:
+    """The weights a run of `kind` exported (export/export.json names the file), checking the export's step."""
+    import json
+
+    import torch
+
+    index = json.loads((run / "export" / "export.json").read_text())
+    assert index["kind"] == kind and (step is None or index["step"] == step), index
+    return torch.load(run / "export" / index["weights"])
 
 
 @pytest.fixture

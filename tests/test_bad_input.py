@@ -50,7 +50,28 @@ def make_inputs(tmp: Path, char_dataset: str, digits_dataset: str) -> dict[str, 
         (mnist / f"{stem}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 7))  # truncated header
     paths["bad_mnist"] = str(mnist)
     write_bad_corpora(tmp / "in", paths)
+    write_photos(tmp / "in", paths)
     return paths
+
+
+def write_photos(folder: Path, paths: dict[str, str]) -> None:
+    """Two small photos (48x40), the dataset they make, a folder of one photo and a folder holding a broken one."""
+    import numpy as np
+    from PIL import Image
+
+    from genai.data.photo_dataset import prepare_photo_dataset
+
+    for name, count in (("small_photos", 2), ("one_photo", 1)):
+        (folder / name).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(folder / name / f"p{i}.png")
+        paths[name] = str(folder / name)
+    prepare_photo_dataset(f"images:{paths['small_photos']}", str(folder / "photos"), log=lambda *_: None)
+    paths["photos"] = str(folder / "photos")
+    (folder / "broken_photos").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "broken_photos" / "a.png")
+    (folder / "broken_photos" / "b.png").write_bytes(b"not a png")
+    paths["broken_photos"] = str(folder / "broken_photos")
 
 
 def write_bad_corpora(folder: Path, paths: dict[str, str]) -> None:
@@ -223,6 +244,62 @@ CASES = [
     ("tune: --storage is a file", "tune.py", ["--sweep", "{good_sweep}", "--storage", "{a_file}"],
      "{a_file} is a file, not a folder"),
     ("tune: sweep file is a folder", "tune.py", ["--sweep", "{empty_dir}"], "sweep file {empty_dir} is a folder"),
+    # The image families' recipes against the data they are given.
+    ("train: VAE image size not the data's", "train.py",
+     ["--recipe", "tiny-vae", "--data", "{digits}", "--set", "model.image_size=32", "--storage", "{runs}"],
+     "model.image_size=32, but {digits} holds 28x28 images"),
+    ("train: VAE channels not the data's", "train.py",
+     ["--recipe", "tiny-vae", "--data", "{digits}", "--set", "model.channels=3", "--storage", "{runs}"],
+     "model.channels=3, but {digits} holds 1-channel images"),
+    ("train: VAE under ZeRO-3", "train.py",
+     ["--recipe", "tiny-vae", "--set", "deepspeed.zero_stage=3", "--storage", "{runs}"],
+     "deepspeed.zero_stage=3 is not supported for vae recipes"),
+    ("train: VAE batch larger than the data", "train.py",
+     ["--recipe", "tiny-vae", "--data", "{digits}", "--set", "train.batch_size=100000", "--storage", "{runs}"],
+     "too few for train.batch_size=100000"),
+    ("train: VAE on a text dataset", "train.py", ["--recipe", "tiny-vae", "--data", "{char}", "--storage", "{runs}"],
+     "is not 'images'"),
+    ("train: VAE classifier missing", "train.py",
+     ["--recipe", "tiny-vae", "--data", "{digits}", "--set", "train.classifier={missing}", "--storage", "{runs}"],
+     "train.classifier={missing}: no classifier.json"),
+    ("train: SR patch larger than the photos", "train.py",
+     ["--recipe", "tiny-sr", "--data", "{photos}", "--set", "train.patch_size=64", "--storage", "{runs}"],
+     "train.patch_size=64: {photos} holds a 48x40 training image (p"),
+    ("train: SR channels not the photos'", "train.py",
+     ["--recipe", "tiny-sr", "--data", "{photos}", "--set", "model.channels=1", "--storage", "{runs}"],
+     "model.channels=1, but {photos} holds 3-channel photos"),
+    ("train: SR patch not a multiple of the scale", "train.py",
+     ["--recipe", "tiny-sr", "--set", "train.patch_size=33", "--storage", "{runs}"],
+     "train.patch_size=33 is not a multiple of model.scale=2"),
+    ("train: SR perceptual term without a discriminator", "train.py",
+     ["--recipe", "tiny-sr", "--set", "model.perceptual=discriminator", "--storage", "{runs}"],
+     "model.perceptual=discriminator needs model.adversarial=true"),
+    ("train: SR init_from nothing", "train.py",
+     ["--recipe", "tiny-sr", "--data", "{photos}", "--set", "train.init_from={missing}", "--storage", "{runs}"],
+     "train.init_from={missing}: {missing} does not exist"),
+    ("train: SR on digits", "train.py", ["--recipe", "tiny-sr", "--data", "{digits}", "--storage", "{runs}"],
+     "dataset kind 'images' is not 'photos'"),
+    ("train: translation given one domain", "train.py",
+     ["--recipe", "tiny-translate", "--set", "data.domain_a={digits}", "--storage", "{runs}"],
+     "data.domain_a is set but data.domain_b is not: translation needs two domains"),
+    ("train: translation image size not the domains'", "train.py",
+     ["--recipe", "tiny-translate", "--set", "model.image_size=32", "--storage", "{runs}"],
+     "model.image_size=32, but data.domain_a (the builtin digits) holds 28x28 images"),
+    ("train: translation channels not domain B's", "train.py",
+     ["--recipe", "tiny-translate", "--set", "model.channels_b=3", "--set", "model.lambda_identity=0",
+      "--storage", "{runs}"], "model.channels_b=3, but data.domain_b (the builtin bold digits) holds 1-channel images"),
+    ("train: translation identity loss across channels", "train.py",
+     ["--recipe", "tiny-translate", "--set", "model.channels_a=3", "--storage", "{runs}"],
+     "model.lambda_identity must be 0 when the domains' channels differ"),
+    ("train: translation domain B is text", "train.py",
+     ["--recipe", "tiny-translate", "--set", "data.domain_a={digits}", "--set", "data.domain_b={char}",
+      "--storage", "{runs}"], "dataset kind 'text-tokens' is not 'images'"),
+    ("prepare_data: one photo", "prepare_data.py", ["--source", "images:{one_photo}", "--out", "{out}"],
+     "images:{one_photo}: 1 PNG/JPEG file(s) there; a train and a val split need at least 2"),
+    ("prepare_data: missing photo folder", "prepare_data.py", ["--source", "images:{missing}", "--out", "{out}"],
+     "{missing} does not exist (expected a folder of PNG/JPEG files)"),
+    ("prepare_data: broken photo", "prepare_data.py", ["--source", "images:{broken_photos}", "--out", "{out}"],
+     "{broken_photos}/b.png: not a readable PNG or JPEG image"),
 ]
 
 

@@ -81,8 +81,8 @@ def test_recipe_kinds():
     assert gan.deepspeed.generator.zero_stage == 2 and gan.deepspeed.discriminator.zero_stage == 2
     with pytest.raises(ConfigError, match="a gan recipe, not a gpt recipe"):
         load_recipe("tiny-gan", kind="gpt")
-    with pytest.raises(ConfigError, match="kind: 'vae' is not a recipe kind"):
-        load_recipe("tiny", ["kind=vae"])
+    with pytest.raises(ConfigError, match="kind: 'diffusion' is not a recipe kind"):  # vae is a kind now
+        load_recipe("tiny", ["kind=diffusion"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_job
+from conftest import exported_weights, run_job
 
 SLOW = pytest.mark.slow
 
@@ -22,12 +22,6 @@ def train(data: str, storage: Path, name: str, *sets: str, expect: int = 0):
     r = run_job("train_gan.py", *args)
     assert r.returncode == expect, r.stdout[-4000:] + r.stderr[-4000:]
     return r
-
-
-def exported_generator(run: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((run / "export" / "export.json").read_text())
-    assert index["kind"] == "gan"
-    return torch.load(run / "export" / index["weights"])
 
 
 @SLOW
@@ -47,7 +41,7 @@ def test_two_workers_zero2_resume_matches_uninterrupted_run(digits_dataset, tmp_
 
     # Both engines, the EMA, the RNG streams and the data position came back: the resumed run ends
     # exactly where the uninterrupted one did.
-    a, b = exported_generator(tmp_path / "straight"), exported_generator(tmp_path / "resumed")
+    a, b = exported_weights(tmp_path / "straight", "gan"), exported_weights(tmp_path / "resumed", "gan")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k

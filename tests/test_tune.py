@@ -134,6 +134,16 @@ def test_shipped_gan_sweep_is_valid():
     assert base.kind == "gan" and sweep.metric == "fd" and len(sweep.parameters["model.loss"].grid) == 3
 
 
+@pytest.mark.parametrize("path, kind, metric, mode", [("sweeps/vae-beta.yaml", "vae", "val_nelbo", "min"),
+                                                     ("sweeps/sr-lr.yaml", "sr", "psnr", "max"),
+                                                     ("sweeps/cyclegan-cycle.yaml", "cyclegan", "cycle_l1_a", "min")])
+def test_shipped_image_family_sweeps_are_valid(path, kind, metric, mode):
+    sweep, base = load_sweep(path)
+    assert base.kind == kind and sweep.metric == metric and sweep.mode == mode
+    # ASHA compares the metric at each report: every checkpoint interval is an evaluation step
+    assert base.train.checkpoint_interval % base.train.eval_interval == 0
+
+
 @pytest.mark.slow
 def test_killed_sweep_driver_resumes_without_retraining_finished_trials(char_dataset, tmp_path):
     import glob

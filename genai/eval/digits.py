@@ -201,7 +201,8 @@ def load_classifier(uri: str, device: str = "cpu") -> DigitClassifier:
         raise ClassifierError(f"{uri}: {INFO} is not valid JSON ({exc})") from None
     if not isinstance(info, dict) or info.get("feature_dim", FEATURE_DIM) != FEATURE_DIM:
         raise ClassifierError(f"{uri}: {INFO} does not describe a {FEATURE_DIM}-feature digit classifier")
-    model = DigitClassifier()
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG stream alone
+        model = DigitClassifier()
     try:
         model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
     except Exception as exc:  # truncated file, not a state_dict, wrong shapes

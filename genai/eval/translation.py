@@ -27,13 +27,14 @@ def _map(fn: Translate, x: torch.Tensor, batch_size: int, device, dtype) -> torc
 
 
 @torch.no_grad()
-def translation_metrics(ab: Translate, ba: Translate, a_images, b_images, classifier: DigitClassifier,
+def translation_metrics(ab: Translate, ba: Translate, a_images, b_images, classifier: DigitClassifier | None,
                         batch_size: int = 256, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """For generators ab (A -> B) and ba (B -> A) (modules, or a DeepSpeed engine's .module) on held-out images
     of each domain (uint8 [N, C, H, W] or float in [-1, 1]):
     label_preservation_ab / _ba: share of x whose predicted label equals that of the translated x;
-    cycle_l1_a / _b: mean absolute error of ba(ab(a)) against a (and ab(ba(b)) against b), in [-1, 1] units."""
+    cycle_l1_a / _b: mean absolute error of ba(ab(a)) against a (and ab(ba(b)) against b), in [-1, 1] units.
+    Without a classifier, the cycle errors only."""
     out = {}
     for name, x, there, back in (("a", _as_float(a_images), ab, ba), ("b", _as_float(b_images), ba, ab)):
         if len(x) == 0:
@@ -41,6 +42,8 @@ def translation_metrics(ab: Translate, ba: Translate, a_images, b_images, classi
         moved = _map(there, x, batch_size, device, dtype)
         returned = _map(back, moved, batch_size, device, dtype)
         direction = "ab" if name == "a" else "ba"
-        out[f"label_preservation_{direction}"] = float(np.mean(predict(classifier, x) == predict(classifier, moved)))
+        if classifier is not None:
+            out[f"label_preservation_{direction}"] = float(np.mean(predict(classifier, x) == predict(classifier,
+                                                                                               moved)))
         out[f"cycle_l1_{name}"] = float((returned - x).abs().mean())
     return out

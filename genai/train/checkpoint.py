@@ -41,8 +41,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int,
-                    write_meta: Callable[[str], None] | None = None) -> float:
+                    write_meta: Callable[[str], None] | None = None,
+                    rank_state: Callable[[], dict | None] | None = None) -> float:
     """Save every engine under its own tag on every rank, then report the merged checkpoint to Ray.
+    `rank_state()` is what this rank keeps besides its RNG (saved with it, e.g. a CycleGAN's image pools).
     Returns the seconds it took (written locally, uploaded to storage, registered by Ray)."""
     import ray.train
 
@@ -53,7 +55,9 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
         for name, engine in engines.items():
             engine.save_checkpoint(tmp, tag=f"{name}-step{step:08d}", save_latest=False)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        extra = rank_state() if rank_state else None
+        torch.save(dict(rng_state(), **({"family": extra} if extra is not None else {})),
+                   os.path.join(tmp, "rng", f"rank{rank}.pt"))
         if rank == 0:
             state = dict(trainer_state, tags={n: f"{n}-step{step:08d}" for n in engines})
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
@@ -140,10 +144,12 @@ def start_checkpoint(cfg: dict):
 
 
 def restore(checkpoint, engines: dict, rank: int, world_size: int,
-            load_extra: Callable[[str], None] | None = None) -> tuple[dict, float]:
+            load_extra: Callable[[str], None] | None = None,
+            load_rank_state: Callable[[dict], None] | None = None) -> tuple[dict, float]:
     """Load every engine's shards and this rank's RNG state; return (the trainer state, seconds it took).
 
-    `load_extra(folder)` reads anything else the loop saved in the checkpoint (e.g. an EMA under meta/)."""
+    `load_extra(folder)` reads anything else the loop saved in the checkpoint (e.g. an EMA under meta/),
+    `load_rank_state(state)` what save_and_report's `rank_state` saved for this rank."""
     t0 = time.perf_counter()
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, TRAINER_STATE)) as f:
@@ -158,7 +164,10 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int,
                 raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed shards for {name}")
         rng_file = os.path.join(d, "rng", f"rank{rank}.pt")
         if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            saved = torch.load(rng_file, weights_only=False)
+            set_rng_state(saved)
+            if load_rank_state and "family" in saved:
+                load_rank_state(saved["family"])
         if load_extra:
             load_extra(d)
     seconds = time.perf_counter() - t0

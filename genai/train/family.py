@@ -38,7 +38,7 @@ class Family:
     kind: str  # the recipes' `kind`
     job: str  # the job script that trains a recipe of this kind
     counter: str  # what the trainer state counts besides steps ("tokens", "images"), also a reported metric
-    rows_per_fetch: int  # rows per Ray Data batch of the training split
+    rows_per_fetch: int  # rows per Ray Data batch of the training split; 0: no split streamed (the family makes batches)
     prefetch_batches: int
     eval_defaults: dict = {}  # the evaluation metrics reported before the first evaluation
     batches_per_step: int  # batches one step takes from the stream (set by __init__ from the recipe)
@@ -73,6 +73,13 @@ class Family:
 
     def restore_extra(self, folder: str) -> None:
         """Read what write_meta saved besides the engines from a checkpoint folder being restored."""
+
+    def rank_state(self) -> dict | None:
+        """What this rank keeps besides its RNG and the engines (every rank, with every checkpoint), or None."""
+        return None
+
+    def restore_rank_state(self, state: dict) -> None:
+        """Take back what rank_state saved for this rank (on a resume, before prepare)."""
 
     def rebase(self) -> None:
         """After a restore: the recipe's learning rates and optimizer settings win over the saved ones."""

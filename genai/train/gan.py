@@ -15,17 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from cluster.deepspeed_config import gan_engine_config, resolve_precision
-from cluster.storage import StorageError, resolve
-from genai.config import ConfigError, GANRecipe
-from genai.data.batches import ExampleStream
-from genai.data.image_dataset import (ImageManifest, ensure_image_dataset, images_from_batch, load_image_arrays,
-                                      load_image_manifest, verify_image_shards)
+from genai.config import GANRecipe
+from genai.data.image_dataset import ImageManifest, verify_image_shards
 from genai.data.shards import DatasetError
 from genai.models.gan import EMA, GANConfig, Discriminator, Generator, init_weights, num_params
 from genai.export import write_gan_export
 from genai.run import EMA_FILE, META_DIR, SAMPLES_DIR, export_location
-from genai.sampling import image_grid, png_bytes
 from genai.train.family import Family
+from genai.train.images import (QualityEval, TrainingError, adam_engine, check_classifier, check_replicas,
+                                engine_dtype, image_stream, log_grid, mean_stats, plan_image_dataset, quality_line,
+                                set_adam)
 from genai.train.steps import gan_step
 from genai.train.tracking import say
 
@@ -33,8 +32,8 @@ ROWS_PER_FETCH = 1024
 COLLAPSE_D_LOSS = 1e-3  # a discriminator loss this close to 0 means it wins outright: the generator has failed
 
 
-class GANTrainingError(RuntimeError):
-    """Training diverged (NaN) or collapsed; the last checkpoint is intact."""
+class GANTrainingError(TrainingError):
+    """The generator collapsed; the last checkpoint is intact."""
 
 
 @dataclass
@@ -72,28 +71,13 @@ def steps_per_epoch(rows_per_worker: int, batch_size: int, n_critic: int) -> int
 
 def plan_gan_run(recipe: GANRecipe, log=print) -> GANPlan:
     """Resolve the image dataset (preparing it into the cache if needed) and check it fits the recipe."""
-    d, t, c, m = recipe.data, recipe.train, recipe.cluster, recipe.model
-    data_uri = d.uri or ensure_image_dataset(d.source, d.cache_dir, d.val_fraction, log=log)
-    manifest = load_image_manifest(data_uri)
-    verify_image_shards(manifest)
-    if (manifest.height, manifest.width) != (m.image_size, m.image_size):
-        raise ConfigError(f"model.image_size={m.image_size}, but {data_uri} holds {manifest.height}x{manifest.width} "
-                          "images (set model.image_size to match, square images only)")
-    if manifest.channels != m.channels:
-        raise ConfigError(f"model.channels={m.channels}, but {data_uri} holds {manifest.channels}-channel images")
-    if m.conditional and manifest.num_classes < 2:
-        raise ConfigError(f"model.conditional=true needs labelled images; {data_uri} has no classes")
+    t, c, m = recipe.train, recipe.cluster, recipe.model
+    data_uri, manifest = plan_image_dataset(recipe.data, m.image_size, m.channels, m.conditional, log=log)
     rows = manifest.rows_per_worker("train", c.num_workers)
     if steps_per_epoch(rows, t.batch_size, t.n_critic) < 1:
         raise DatasetError(f"{data_uri}: {rows} training images per worker are too few for train.batch_size="
                            f"{t.batch_size} x train.n_critic={t.n_critic}")
-    if t.classifier:
-        try:
-            if not resolve(t.classifier).join("classifier.json").exists():
-                raise ConfigError(f"train.classifier={t.classifier}: no classifier.json there "
-                                  "(train one with jobs/train_classifier.py)")
-        except StorageError as exc:
-            raise ConfigError(f"train.classifier: {exc}") from None
+    check_classifier(t.classifier)
     model_config = GANConfig(image_size=m.image_size, channels=m.channels, z_dim=m.z_dim, ngf=m.ngf, ndf=m.ndf,
                              num_classes=manifest.num_classes if m.conditional else 0, loss=m.loss,
                              spectral_norm=m.spectral_norm)
@@ -104,71 +88,20 @@ def plan_gan_run(recipe: GANRecipe, log=print) -> GANPlan:
     return GANPlan(recipe, data_uri, manifest, model_config, ds_configs)
 
 
-class QualityEval:
-    """Frechet distance in the digit classifier's feature space (generated vs real training digits, beside
-    held-out real digits vs the same reference) and, for conditional models, label agreement."""
+def generator_quality(evaluator: QualityEval, generator: torch.nn.Module, cfg: GANConfig,
+                      seed: int) -> dict[str, float]:
+    """A QualityEval of a generator's images from seeded noise."""
 
-    def __init__(self, classifier_uri: str, data_uri: str, n: int, device: torch.device):
-        from genai.eval.digits import extract_features, feature_stats, frechet_distance, load_classifier
+    def sample(n, labels, gen):
+        return generator(torch.randn(n, cfg.z_dim, generator=gen, device=evaluator.device), labels)
 
-        self.n, self.device = n, device
-        self.model = load_classifier(classifier_uri, device=str(device))
-        self._features, self._fd = extract_features, frechet_distance
-        ref, _ = load_image_arrays(data_uri, "train", limit=n)
-        held_out, _ = load_image_arrays(data_uri, "val", limit=n)
-        self.ref = feature_stats(extract_features(self.model, ref))
-        self.baseline = frechet_distance(*self.ref, *feature_stats(extract_features(self.model, held_out)))
-
-    @torch.no_grad()
-    def __call__(self, generator: torch.nn.Module, cfg: GANConfig, seed: int) -> dict[str, float]:
-        from genai.eval.digits import feature_stats, label_agreement
-
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        images, labels = [], None
-        if cfg.num_classes:
-            labels = torch.arange(self.n, device=self.device) % cfg.num_classes
-        for i in range(0, self.n, 500):
-            z = torch.randn(min(500, self.n - i), cfg.z_dim, generator=gen, device=self.device)
-            images.append(generator(z, None if labels is None else labels[i:i + len(z)]).float())
-        images = torch.cat(images)
-        out = {"fd": self._fd(*self.ref, *feature_stats(self._features(self.model, images))),
-               "fd_real": self.baseline}
-        if labels is not None:
-            out["label_agreement"] = label_agreement(self.model, images, labels.cpu().numpy())
-        return out
+    return evaluator(sample, cfg.num_classes, seed)
 
 
 def ema_decay(decay: float, updates: int) -> float:
     """EMA decay with warm-up, min(decay, (1 + n) / (10 + n)): early on the average follows the generator
     closely instead of mixing in its random initial weights for thousands of steps."""
     return min(decay, (1 + updates) / (10 + updates))
-
-
-def _dtype(ds_config: dict) -> torch.dtype:
-    if ds_config["bf16"]["enabled"]:
-        return torch.bfloat16
-    return torch.float16 if ds_config["fp16"]["enabled"] else torch.float32
-
-
-def _param_digest(module: torch.nn.Module, device) -> torch.Tensor:
-    """(sum, sum of squares, weighted sum) of all parameters, in float64: equal on ranks holding equal weights."""
-    flat = torch.cat([p.detach().double().flatten() for p in module.parameters()]).to(device)
-    idx = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=device)
-    return torch.stack([flat.sum(), (flat * flat).sum(), (flat * idx).sum() / flat.numel()])
-
-
-def check_replicas(modules: dict[str, torch.nn.Module], device, world: int, rank: int) -> None:
-    """Data parallelism keeps every rank's weights equal; check it (cheap digests) and say so."""
-    import torch.distributed as dist
-
-    for name, module in modules.items():
-        mine = _param_digest(module, device)
-        every = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine)
-        if any(not torch.allclose(e, every[0], rtol=1e-9, atol=0) for e in every):
-            raise GANTrainingError(f"{name} weights differ across ranks: {[e.tolist() for e in every]}")
-        if rank == 0:
-            say(f"{name} weights identical on all {world} rank(s) (digest {every[0][0].item():.6f})")
 
 
 class GANFamily(Family):
@@ -193,8 +126,6 @@ class GANFamily(Family):
         self.batches_per_step = self.t.n_critic
 
     def build(self) -> dict:
-        import deepspeed
-
         t = self.t
         self.model_config = mcfg = GANConfig(**self.cfg["model_config"])
         G, D = Generator(mcfg), Discriminator(mcfg)
@@ -202,16 +133,10 @@ class GANFamily(Family):
         init_weights(D)
         # Counted before deepspeed.initialize, which may partition the parameters.
         self.n_g, self.n_d = num_params(G), num_params(D)
-        engines = {}
-        for name, net, lr in (("generator", G, t.lr_g), ("discriminator", D, t.lr_d)):
-            ds_config = self.cfg["ds_configs"][name]
-            opt = None
-            if "optimizer" not in ds_config:  # with optimizer offload DeepSpeed builds its CPU Adam
-                opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(t.beta1, t.beta2))
-            engines[name], _, _, _ = deepspeed.initialize(
-                model=net, optimizer=opt, model_parameters=None if opt else net.parameters(), config=ds_config)
+        engines = {name: adam_engine(net, self.cfg["ds_configs"][name], lr, (t.beta1, t.beta2))
+                   for name, net, lr in (("generator", G, t.lr_g), ("discriminator", D, t.lr_d))}
         self.g_engine, self.d_engine = engines["generator"], engines["discriminator"]
-        self.dtype = _dtype(self.cfg["ds_configs"]["generator"])
+        self.dtype = engine_dtype(self.cfg["ds_configs"]["generator"])
         self.ema = EMA(self.g_engine.module, t.ema_decay)
         self.ema.module.float()
         return engines
@@ -224,9 +149,8 @@ class GANFamily(Family):
 
     def rebase(self) -> None:
         t = self.t
-        for engine, lr in ((self.g_engine, t.lr_g), (self.d_engine, t.lr_d)):  # the recipe's rates and betas win
-            for group in engine.optimizer.param_groups:
-                group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
+        set_adam([self.g_engine], t.lr_g, (t.beta1, t.beta2))
+        set_adam([self.d_engine], t.lr_d, (t.beta1, t.beta2))
 
     def describe(self) -> str:
         t, w, mcfg, ds = self.t, self.worker, self.model_config, self.recipe.deepspeed
@@ -251,14 +175,10 @@ class GANFamily(Family):
     def epoch_steps(self, epoch: int) -> int:
         return steps_per_epoch(self.cfg["rows_per_worker"], self.t.batch_size, self.t.n_critic)
 
-    def open_epoch(self, epoch: int, rows) -> ExampleStream:
+    def open_epoch(self, epoch: int, rows):
         mcfg = self.model_config
-
-        def decode(batch):
-            return images_from_batch(batch, mcfg.image_size, mcfg.image_size, mcfg.channels)
-
-        return ExampleStream(rows.epoch(), decode, self.t.batch_size, self.t.seed, epoch, self.worker.rank,
-                             self.recipe.data.shuffle_buffer)
+        return image_stream(rows.epoch(), mcfg.image_size, mcfg.channels, self.t.batch_size, self.t.seed, epoch,
+                            self.worker.rank, self.recipe.data.shuffle_buffer)
 
     def step(self, batches, state: dict) -> None:
         t, device = self.t, self.worker.device
@@ -274,14 +194,9 @@ class GANFamily(Family):
         state["images"] += self.images_per_step
 
     def log_train(self, step: int, seconds_per_step: float) -> dict:
-        import torch.distributed as dist
-
         t, w, kind = self.t, self.worker, self.model_config.loss
-        dist.all_reduce(self.sums)
-        means = (self.sums / max(1, self.counted * w.world)).tolist()
-        if not all(map(lambda v: v == v and abs(v) != float("inf"), means)):
-            raise GANTrainingError(f"losses are not finite by step {step} (d_loss {means[0]}, g_loss {means[1]}); "
-                                   "the last checkpoint is intact (lower train.lr_g / train.lr_d)")
+        means = mean_stats(self.sums, self.counted, w.world, step, ("d_loss", "g_loss"),
+                           "lower train.lr_g / train.lr_d")
         dt = seconds_per_step
         w.logger.scalars(step, {"train/d_loss": means[0], "train/g_loss": means[1], "train/d_real": means[2],
                                 "train/d_fake": means[3], "train/gradient_penalty": means[4] if kind == "wgan-gp"
@@ -303,10 +218,8 @@ class GANFamily(Family):
         mcfg, logger = self.model_config, self.worker.logger
         with torch.no_grad():
             imgs = self.ema.module(self.fixed_z, self.fixed_labels)
-        grid = image_grid(imgs, nrow=mcfg.num_classes if mcfg.num_classes and self.t.sample_grid % mcfg.num_classes == 0
-                          else None)
-        logger.image(step, "samples/ema_generator", grid)
-        resolve(self.worker.run_uri).join(SAMPLES_DIR, f"step_{step:08d}.png").write_bytes(png_bytes(grid))
+        log_grid(self.worker, step, "samples/ema_generator", imgs, nrow=mcfg.num_classes if mcfg.num_classes and
+                 self.t.sample_grid % mcfg.num_classes == 0 else None, png=f"step_{step:08d}.png")
         diversity = imgs.float().std(dim=0).mean().item()  # ~0 when every sample is the same image
         logger.scalars(step, {"samples/diversity": diversity})
         if diversity < 0.02:
@@ -314,15 +227,15 @@ class GANFamily(Family):
                 " - mode collapse?")
 
     def evaluate(self) -> dict:
-        return self.evaluator(self.ema.module, self.model_config, self.t.seed) if self.evaluator is not None else {}
+        if self.evaluator is None:
+            return {}
+        return generator_quality(self.evaluator, self.ema.module, self.model_config, self.t.seed)
 
     def log_eval(self, step: int, metrics: dict) -> None:
         if not metrics:
             return
         self.worker.logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-        say(f"step {step}: digit-feature Frechet distance {metrics['fd']:.2f} (held-out real digits "
-            f"{metrics['fd_real']:.2f})" + (f", label agreement {100 * metrics['label_agreement']:.1f}%"
-                                            if "label_agreement" in metrics else ""))
+        say(quality_line(step, metrics))
 
     def write_meta(self, meta_dir: str) -> None:
         super().write_meta(meta_dir)

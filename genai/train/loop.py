@@ -12,13 +12,16 @@ import torch
 from genai.config import validate_recipe
 from genai.run import STOP_FILE, export_location
 from genai.train.checkpoint import restore, save_and_report, start_checkpoint
+from genai.train.cyclegan import CycleGANFamily
 from genai.train.family import Worker
 from genai.train.gan import GANFamily
 from genai.train.nlg import GPTFamily
+from genai.train.sr import SRFamily
 from genai.train.tracking import RunLogger, say
+from genai.train.vae import VAEFamily
 from genai.train.worker import EpochRows, init_worker
 
-FAMILIES = {family.kind: family for family in (GPTFamily, GANFamily)}
+FAMILIES = {family.kind: family for family in (GPTFamily, GANFamily, VAEFamily, SRFamily, CycleGANFamily)}
 
 
 class StopFlag:
@@ -89,7 +92,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     rank, world, device = init_worker(c.torch_threads, cfg.get("console"), cfg["run_uri"])
     worker = Worker(rank, world, device, cfg["run_uri"])
     family = FAMILIES[recipe.kind](recipe, cfg, worker)
-    train_rows = EpochRows(ray.train.get_dataset_shard("train"), family.rows_per_fetch, family.prefetch_batches)
+    train_rows = None  # a family with no rows to fetch (sr, cyclegan) draws its own batches
+    if family.rows_per_fetch:
+        train_rows = EpochRows(ray.train.get_dataset_shard("train"), family.rows_per_fetch, family.prefetch_batches)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     engines = family.build()
@@ -97,7 +102,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     state = dict(family.new_state(), world_size=world)
     checkpoint = start_checkpoint(cfg)
     if checkpoint:
-        restored, restore_s = restore(checkpoint, engines, rank, world, load_extra=family.restore_extra)
+        restored, restore_s = restore(checkpoint, engines, rank, world, load_extra=family.restore_extra,
+                                      load_rank_state=family.restore_rank_state)
         state.update(restored)
         family.rebase()
     resumed_step = state["step"]
@@ -129,7 +135,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             logger.flush()
             if save:
                 logger.scalars(step, {"perf/checkpoint_s": save_and_report(engines, dict(state), metrics, rank,
-                                                                           family.write_meta)})
+                                                                           family.write_meta, family.rank_state)})
             else:
                 ray.train.report(metrics)
         if metrics:
