@@ -88,6 +88,13 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Decoder-only transformer shape."""
 
+    init_from: str | None = Field(None, description=(
+        "Start from a pretrained Hugging Face model (fine-tuning): a folder or s3:// prefix of a GPT2LMHeadModel or "
+        "LlamaForCausalLM as save_pretrained writes it (config.json, model.safetensors or its shards, "
+        "tokenizer.json). Its config.json gives the model's shape (the fields below are taken from it; dropout, "
+        "activation_checkpointing and loss_chunk_tokens stay the recipe's), its weights the starting weights, and "
+        "the dataset must be prepared with its tokenizer (jobs/prepare_data.py --tokenizer <the folder>). "
+        f"{PLACEHOLDER}: a recipe that needs one (--init-from). Null: random initial weights."))
     arch: Literal["gpt2", "llama"] = Field("gpt2", description=(
         "Architecture: gpt2 (learned positions, LayerNorm, GELU MLP, tied embeddings; genai/models/gpt.py) or llama "
         "(rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases; genai/models/llama.py). The "
@@ -277,7 +284,7 @@ class NLGRecipe(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "NLGRecipe":
         t, m, c = self.train, self.model, self.cluster
-        if t.seq_len is not None and t.seq_len > m.block_size:
+        if t.seq_len is not None and t.seq_len > m.block_size and m.init_from is None:  # else: its config's context
             raise ValueError(
                 f"train.seq_len={t.seq_len} is larger than the model's context model.block_size={m.block_size}"
             )

@@ -83,6 +83,7 @@ POLICY: dict[str, dict[str, str]] = {
     "gpt": {
         "kind": FIXED,
         "name": FREE,
+        "model.init_from": FIXED,  # the pretrained model the run started from (its shape follows it)
         "model.n_layer": FIXED,
         "model.n_head": FIXED,
         "model.n_embd": FIXED,

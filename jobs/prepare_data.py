@@ -5,6 +5,7 @@ or labelled images (for GANs).
     python jobs/prepare_data.py --source ./corpus.txt --out s3://bucket/corpus-bpe --tokenizer bpe
     python jobs/prepare_data.py --source s3://corpora/fineweb-sample/ --text-column text --tokenizer bpe \
            --bpe-vocab-size 50257 --out s3://datasets/fw-bpe
+    python jobs/prepare_data.py --source ./corpus/ --tokenizer ./my-hf-model --out ~/datasets/corpus-ft   # fine-tune
     python jobs/prepare_data.py --source builtin:digits --out ~/datasets/digits
     python jobs/prepare_data.py --source mnist:~/data/mnist --out s3://bucket/mnist
     python jobs/prepare_data.py --source images:~/photos --out ~/datasets/photos      # super-resolution
@@ -45,8 +46,10 @@ def main() -> int:
                         "or builtin:digits (scikit-learn's 8x8 digits resized to 28x28, offline); photos (super-resolution): "
                         "images:<folder or s3:// prefix of PNG/JPEG files> or builtin:photos")
     p.add_argument("--out", required=True, help="output folder or URI (local path, file:// or s3://)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
-                   help="text: char (nanoGPT) or byte-level BPE")
+    p.add_argument("--tokenizer", default="char",
+                   help="text: char (nanoGPT), bpe (byte-level BPE trained on the corpus), or the folder or s3:// URI "
+                        "of a Hugging Face model or tokenizer (its tokenizer.json, its eos token between documents: "
+                        "the dataset to fine-tune that model on)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share held out for validation (text: of tokens; builtin:digits: of images, per class; "
                         "MNIST uses its test set)")

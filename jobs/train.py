@@ -8,6 +8,7 @@ jobs/train_nlg.py and jobs/train_gan.py are this job for one kind (with its defa
     python jobs/train.py --recipe tiny
     python jobs/train.py --recipe tiny-gan --name quick
     python jobs/train.py --recipe tiny-vae | tiny-sr | tiny-translate
+    python jobs/train.py --recipe finetune --init-from ./my-hf-model --data ~/datasets/corpus-ft --name ft
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def parse_args(doc: str, kind: str | None, default_recipe: str | None, argv: lis
     p.add_argument("--recipe", default=default_recipe, required=default_recipe is None,
                    help=f"shipped recipe ({', '.join(available_recipes(kind))}) or a YAML path")
     p.add_argument("--data", help="prepared dataset folder or URI (overrides data.uri)")
+    p.add_argument("--init-from", help="gpt: start from a pretrained Hugging Face model, a folder or s3:// prefix "
+                                       "(overrides model.init_from; the finetune recipe needs it)")
     p.add_argument("--storage", help="where runs live: folder or URI (overrides cluster.storage)")
     p.add_argument("--name", help="run name; an existing run of that name resumes (overrides cluster.run_name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -45,9 +48,11 @@ def parse_args(doc: str, kind: str | None, default_recipe: str | None, argv: lis
 
 
 def recipe_from_args(args, kind: str | None):
-    """The recipe named on the command line with --data/--storage/--name and every --set applied, validated."""
+    """The recipe named on the command line with --data/--init-from/--storage/--name and every --set applied,
+    validated."""
     overrides = list(args.overrides)
-    for flag, key in ((args.data, "data.uri"), (args.storage, "cluster.storage"), (args.name, "cluster.run_name")):
+    for flag, key in ((args.data, "data.uri"), (args.init_from, "model.init_from"), (args.storage, "cluster.storage"),
+                      (args.name, "cluster.run_name")):
         if flag is not None:  # a string as given (`--name 42` is a name, `--name ''` an empty one), not YAML
             overrides.append(f"{key}={json_value(flag)}")
     return load_recipe(args.recipe, overrides, kind=kind)

@@ -5,6 +5,7 @@ Rerunning with the same --name (and storage) resumes from the run's latest check
 
     python jobs/train_nlg.py --recipe tiny
     python jobs/train_nlg.py --recipe shakespeare-char --name demo --set cluster.num_workers=2
+    python jobs/train_nlg.py --recipe finetune --init-from ./my-hf-model --data ~/datasets/corpus-ft --name ft
 """
 
 from __future__ import annotations

@@ -98,6 +98,44 @@ def write_bad_corpora(folder: Path, paths: dict[str, str]) -> None:
     paths["csv_only"] = str(csv_only)
 
 
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, str]:
+    """Hugging Face model folders for --init-from: a tiny random GPT-2 as our export writes it (config.json,
+    model.safetensors, tokenizer files), and copies with a part missing or wrong."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from cluster.storage import resolve
+    from genai.data.tokenizers import CharTokenizer
+    from genai.export import write_hf_export
+    from genai.models import GPT, GPTConfig
+
+    root = tmp_path_factory.mktemp("hf-models")
+    tok = CharTokenizer(sorted([chr(c) for c in range(32, 127)] + ["\n"]), eot=True)  # not {char}'s tokenizer
+    paths = {}
+
+    def model(name: str, vocab_size: int = 128) -> Path:
+        cfg = GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16, bias=True)
+        write_hf_export(resolve(str(root / name)), GPT(cfg).state_dict(), cfg, tok)
+        paths[f"hf_{name}"] = str(root / name)
+        return root / name
+
+    model("gpt2")
+    model("small_vocab", vocab_size=32)
+    (model("no_config") / "config.json").unlink()
+    (model("no_weights") / "model.safetensors").unlink()
+    config = model("bert") / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "bert"}))
+    weights = load_file(root / "gpt2" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "transformer.h.1.mlp.c_fc.weight"},
+              model("missing_tensor") / "model.safetensors", metadata={"format": "pt"})
+    qkv = "transformer.h.0.attn.c_attn.weight"
+    save_file({**weights, qkv: weights[qkv][:, :32].contiguous()}, model("wrong_shape") / "model.safetensors",
+              metadata={"format": "pt"})
+    return paths
+
+
 CASES = [
     # (id, job, args with {placeholders}, text the error line must contain)
     ("prepare_data: empty corpus", "prepare_data.py", ["--source", "{empty_txt}", "--out", "{out}"], "corpus is empty"),
@@ -300,6 +338,44 @@ CASES = [
      "{missing} does not exist (expected a folder of PNG/JPEG files)"),
     ("prepare_data: broken photo", "prepare_data.py", ["--source", "images:{broken_photos}", "--out", "{out}"],
      "{broken_photos}/b.png: not a readable PNG or JPEG image"),
+    # Fine-tuning a pretrained Hugging Face model: the folder against the recipe and the dataset.
+    ("prepare_data: --tokenizer folder missing", "prepare_data.py",
+     ["--source", "builtin:shakespeare", "--tokenizer", "{missing}", "--out", "{out}"],
+     "{missing} does not exist (a tokenizer is char, bpe, or a Hugging Face model or tokenizer folder"),
+    ("prepare_data: --tokenizer folder without tokenizer.json", "prepare_data.py",
+     ["--source", "builtin:shakespeare", "--tokenizer", "{empty_dir}", "--out", "{out}"],
+     "{empty_dir}: no tokenizer.json"),
+    ("train_nlg: finetune without --init-from", "train_nlg.py",
+     ["--recipe", "finetune", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from=REPLACE_ME: this recipe starts from a pretrained model"),
+    ("train_nlg: --init-from a missing folder", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{missing}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={missing}: {missing} does not exist"),
+    ("train_nlg: --init-from without config.json", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_no_config}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_no_config}: no config.json"),
+    ("train_nlg: --init-from an unsupported model_type", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_bert}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_bert}: config.json has model_type='bert'; supported: gpt2, llama"),
+    ("train_nlg: dataset vocabulary larger than the model's", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_small_vocab}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_small_vocab}: its config.json has vocab_size=32, smaller than the vocabulary of the dataset"),
+    ("train_nlg: --init-from without weights", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_no_weights}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_no_weights}: no model.safetensors"),
+    ("train_nlg: --init-from with a tensor missing", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_missing_tensor}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_missing_tensor}: transformer.h.1.mlp.c_fc.weight is missing from its weights"),
+    ("train_nlg: --init-from with a tensor of the wrong shape", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_wrong_shape}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_wrong_shape}: transformer.h.0.attn.c_attn.weight in model.safetensors has shape (16, 32); "
+     "its config.json needs (16, 48)"),
+    ("train_nlg: dataset of another tokenizer than the model's", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_gpt2}", "--data", "{char}", "--storage", "{runs}"],
+     "model.init_from={hf_gpt2}: the dataset {char} was tokenized with another tokenizer"),
+    ("train_nlg: model shape set beside --init-from", "train_nlg.py",
+     ["--recipe", "finetune", "--init-from", "{hf_gpt2}", "--data", "{char}", "--set", "model.n_layer=3",
+      "--storage", "{runs}"], "model.n_layer=3: the model's shape comes from model.init_from={hf_gpt2}"),
 ]
 
 
@@ -309,9 +385,9 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 @pytest.mark.parametrize("job_name, args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(char_dataset, digits_dataset, tmp_path, job_name, args,
-                                                         message, request):
-    paths = make_inputs(tmp_path, char_dataset, digits_dataset)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(char_dataset, digits_dataset, hf_models, tmp_path, job_name,
+                                                         args, message, request):
+    paths = {**make_inputs(tmp_path, char_dataset, digits_dataset), **hf_models}
     before = snapshot(tmp_path)
     # An address nobody listens on: a case that got past the checks fails instead of starting a local Ray.
     r = run_job(job_name, *[a.format(**paths) for a in args], timeout=120, env={"RAY_ADDRESS": "127.0.0.1:9"})

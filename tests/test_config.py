@@ -6,7 +6,7 @@ from genai.config import (ConfigError, GANRecipe, NLGRecipe, available_recipes, 
                           recipe_to_yaml)
 
 
-BRING_YOUR_DATA = {"gpt2-small"}  # recipes for a large prepared corpus: no builtin one to fall back on
+BRING_YOUR_DATA = {"gpt2-small", "finetune"}  # recipes for a prepared corpus (a large one; one in the init model's tokens)
 A_DATASET = "data.uri=s3://datasets/corpus-bpe"
 
 

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cluster.storage import Location, resolve
+from genai.data.hf_tokenizer import tokenizer_from_hf_folder
 from genai.data.shards import (  # noqa: F401  (DatasetError, CHECKSUM_LIMIT_BYTES: public names of this module)
     CHECKSUM_LIMIT_BYTES, FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location, read_manifest,
     write_manifest, write_shard,
@@ -259,6 +260,7 @@ class TextPreparation:
     bpe_sample_chars: int
     chunk_tokens: int
     shard_tokens: int
+    pretrained: Tokenizer | None = None  # the tokenizer of the Hugging Face folder `tokenizer` names
 
     def parts(self) -> list[dict]:
         return [{"index": i, **p} for i, p in enumerate(self.corpus.part_dicts())]
@@ -269,9 +271,9 @@ def plan_text_preparation(source: str, out_uri: str, tokenizer: str = "char", va
                           overwrite: bool = False, text_column: str = "text",
                           bpe_sample_mb: float = 256) -> TextPreparation:
     """Check everything that can be checked before heavy work (options, output, the corpus's listing and the start
-    of its files). Raises DatasetError or SourceError naming the option, URI or file."""
-    if tokenizer not in ("char", "bpe"):
-        raise DatasetError(f"--tokenizer {tokenizer!r}: choose char or bpe")
+    of its files). `tokenizer` is char, bpe, or the folder or URI of a Hugging Face model or tokenizer, whose
+    tokenizer.json tokenizes the corpus. Raises DatasetError or SourceError naming the option, URI or file."""
+    pretrained = None if tokenizer in ("char", "bpe") else tokenizer_from_hf_folder(tokenizer)
     if not 0.0 < val_fraction < 0.5:
         raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 0.5")
     if chunk_tokens < 8:
@@ -285,7 +287,7 @@ def plan_text_preparation(source: str, out_uri: str, tokenizer: str = "char", va
     out = output_location(out_uri, overwrite)
     corpus = plan_corpus(source, text_column)
     return TextPreparation(corpus, out, tokenizer, val_fraction, bpe_vocab_size, int(bpe_sample_mb * 1e6),
-                           chunk_tokens, shard_tokens)
+                           chunk_tokens, shard_tokens, pretrained)
 
 
 def prepare_text_dataset(
@@ -349,10 +351,12 @@ def run_text_preparation(prep: TextPreparation, map_parts: MapParts = map_in_pro
 
 
 def _train_tokenizer(prep: TextPreparation, map_parts: MapParts, log) -> Tokenizer:
-    """The character vocabulary from a pass over the whole corpus, or BPE trained on a bounded sample of it.
-    Raises SourceError when the corpus holds no text."""
+    """The character vocabulary from a pass over the whole corpus, BPE trained on a bounded sample of it, or the
+    pretrained tokenizer. Raises SourceError when the corpus holds no text."""
     corpus = prep.corpus
-    if prep.tokenizer == "char":
+    if prep.pretrained is not None:
+        tok = prep.pretrained
+    elif prep.tokenizer == "char":
         chars: set[str] = set()
         documents = 0
         for table in map_parts(prep.parts(), PartCharset, {"text_column": corpus.text_column}):

@@ -1,9 +1,11 @@
-"""Tokenizers saved beside the data: character-level (nanoGPT-compatible) and byte-level BPE.
+"""Tokenizers saved beside the data: character-level (nanoGPT-compatible), byte-level BPE, and a pretrained model's
+own Hugging Face tokenizer.
 
-Both know an end-of-text token (`eot_id`) that preparation puts between the documents of a corpus. BPE has
+All know an end-of-text token (`eot_id`) that preparation puts between the documents of a corpus. BPE has
 it as its special token `<|endoftext|>` (id 0). The character tokenizer reserves the id after its characters
 for it, and only for corpora of more than one document, so that a one-document corpus (a single text file, the
-builtin plays) keeps nanoGPT's vocabulary exactly: its sorted characters and nothing else.
+builtin plays) keeps nanoGPT's vocabulary exactly: its sorted characters and nothing else. A pretrained tokenizer's
+is its model's eos token (genai/data/hf_tokenizer.py reads it from the model's folder).
 """
 
 from __future__ import annotations
@@ -102,18 +104,35 @@ class BPETokenizer:
         tok.train_from_iterator(text_iter, trainer=trainer)
         return cls(tok)
 
+    # add_special_tokens=False: a pretrained tokenizer's post-processor would add its bos token to every piece of a
+    # document; documents are separated by the end-of-text token instead.
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.hf.encode(text).ids, dtype=np.int32)
+        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once (in parallel threads unless TOKENIZERS_PARALLELISM=false); no offsets computed."""
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.hf.encode_batch_fast(texts)]
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids])
 
     def to_json(self) -> str:
         return json.dumps({"kind": "bpe", "hf": json.loads(self.hf.to_str())})
+
+
+class PretrainedTokenizer(BPETokenizer):
+    """A pretrained model's own tokenizer (its Hugging Face tokenizer.json, whatever its model), with the model's eos
+    token as end-of-text."""
+
+    kind = "hf"
+
+    def __init__(self, hf_tokenizer, eot: str):
+        super().__init__(hf_tokenizer)
+        self.eot = eot
+        self.eot_id = hf_tokenizer.token_to_id(eot)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "hf", "hf": json.loads(self.hf.to_str()), "eot": self.eot})
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:
@@ -124,4 +143,8 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return BPETokenizer(HFTokenizer.from_str(json.dumps(data["hf"])))
+    if data.get("kind") == "hf":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return PretrainedTokenizer(HFTokenizer.from_str(json.dumps(data["hf"])), data["eot"])
     raise ValueError(f"unknown tokenizer kind {data.get('kind')!r}")

@@ -15,6 +15,7 @@ from genai.models.gpt import GPTConfig
 
 # nn.LayerNorm's default, which every LayerNorm of genai/models/gpt.py uses.
 LAYER_NORM_EPS = 1e-5
+ARCHITECTURE = "GPT2LMHeadModel"  # the transformers class of the mapping
 # F.gelu's default (the erf form); transformers calls it "gelu" ("gelu_new" is the tanh approximation).
 ACTIVATION = "gelu"
 
@@ -48,7 +49,7 @@ def hf_config(cfg: GPTConfig, bos_token_id: int | None = None, eos_token_id: int
     inference, and the trained rate stays in our own `model_config.json`."""
     return {
         "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [ARCHITECTURE],
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size,
         "n_embd": cfg.n_embd,

@@ -12,6 +12,7 @@ import torch
 
 from genai.models.llama import LlamaConfig
 
+ARCHITECTURE = "LlamaForCausalLM"  # the transformers class of the mapping
 ACTIVATION = "silu"
 
 # Per block: (our module, Hugging Face's modules it holds, stacked by rows in this order).
@@ -34,7 +35,7 @@ def hf_config(cfg: LlamaConfig, bos_token_id: int | None = None, eos_token_id: i
     export is for inference."""
     return {
         "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [ARCHITECTURE],
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.block_size,
         "hidden_size": cfg.n_embd,

@@ -19,6 +19,7 @@ from genai.data.tokenizers import TOKENIZER_FILE
 from genai.models import DecoderConfig, GPTConfig, LlamaConfig, build_model, config_from_dict, generate
 from genai.models.llama import default_intermediate_size
 from genai.export import write_gpt_export
+from genai.pretrained import init_recipe, load_init_weights
 from genai.run import export_location
 from genai.train.checkpoint import master_weights
 from genai.train.family import Family
@@ -77,12 +78,15 @@ def worst_steps_per_epoch(worker_tokens: int, seq_len: int, micro_batch: int, gr
 
 
 def plan_nlg_run(recipe: NLGRecipe, log=print) -> NLGPlan:
-    """Resolve the dataset (preparing it into the cache if needed) and check it fits the recipe."""
+    """Resolve the dataset (preparing it into the cache if needed) and check it fits the recipe; with
+    model.init_from, the plan's recipe has the pretrained model's shape (genai/pretrained.py)."""
     d, t, c = recipe.data, recipe.train, recipe.cluster
     data_uri = d.uri or ensure_dataset(d.source, d.tokenizer, d.bpe_vocab_size, d.val_fraction, d.chunk_tokens,
                                        d.cache_dir, log=log)
     manifest = load_manifest(data_uri)
     verify_shards(manifest)
+    if recipe.model.init_from:
+        recipe = init_recipe(recipe, manifest)
     vocab = recipe.model.vocab_size or 64 * math.ceil(manifest.vocab_size / 64)
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the dataset's vocabulary ({manifest.vocab_size})")
@@ -174,6 +178,8 @@ class GPTFamily(Family):
         self.model_config = config_from_dict(self.cfg["model_config"])
         model = build_model(self.model_config, activation_checkpointing=recipe.model.activation_checkpointing,
                             loss_chunk_tokens=recipe.model.loss_chunk_tokens)
+        if recipe.model.init_from:  # before deepspeed.initialize partitions them; a resumed run's checkpoint wins
+            model.load_state_dict(load_init_weights(recipe.model.init_from, self.model_config))
         # Counted before deepspeed.initialize: ZeRO-3 partitions the parameters (numel() is 0 afterwards).
         self.n_params, self.flops_per_token = model.num_params(), model.flops_per_token(recipe.seq_len)
         ds_config = self.cfg["ds_config"]
