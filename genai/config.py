@@ -105,6 +105,9 @@ class ModelConfig(_Section):
     block_size: int = Field(64, ge=2, description="Context length: the most positions the model can attend over.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
     bias: bool = Field(False, description="gpt2: bias terms in Linear and LayerNorm layers (GPT-2 uses them; llama has none).")
+    activation: Literal["gelu", "gelu_new"] = Field("gelu", description=(
+        "gpt2: the MLP's GELU, exact (gelu) or the tanh approximation GPT-2 itself uses (gelu_new, as transformers "
+        "names it: the Hub's GPT-2 checkpoints). llama uses SwiGLU."))
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size; null takes the dataset's tokenizer size (rounded up to a multiple of 64)."
     )
@@ -142,6 +145,9 @@ class ModelConfig(_Section):
             return self
         if self.bias:
             raise ValueError("model.bias=true: model.arch=llama has no biases")
+        if self.activation != "gelu":
+            raise ValueError(f"model.activation={self.activation} applies to model.arch=gpt2 only (llama's MLP is "
+                             "SwiGLU)")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head} (each "
                              "key/value head serves the same number of query heads)")

@@ -92,7 +92,7 @@ def model_fields(cfg: DecoderConfig) -> dict:
     fields = {"arch": cfg.arch, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
               "block_size": cfg.block_size, "vocab_size": cfg.vocab_size}
     if cfg.arch == "gpt2":
-        return {**fields, "bias": cfg.bias, "tie_embeddings": True}
+        return {**fields, "bias": cfg.bias, "activation": cfg.activation, "tie_embeddings": True}
     return {**fields, "bias": False, "n_kv_head": cfg.n_kv_head, "intermediate_size": cfg.intermediate_size,
             "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "tie_embeddings": cfg.tie_embeddings}
 

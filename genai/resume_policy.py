@@ -90,6 +90,7 @@ POLICY: dict[str, dict[str, str]] = {
         "model.block_size": FIXED,
         "model.dropout": HPARAM,
         "model.bias": FIXED,
+        "model.activation": FIXED,
         "model.vocab_size": FIXED,
         "model.arch": FIXED,
         "model.n_kv_head": FIXED,

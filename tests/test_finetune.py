@@ -42,7 +42,7 @@ def hf_model(arch: str, vocab_size: int, eot_id: int):
     torch.manual_seed(0)
     if arch == "gpt2":  # exact GELU and LayerNorm eps 1e-5: what genai/models/gpt.py computes
         return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2,
-                                          activation_function="gelu", layer_norm_epsilon=1e-5, eos_token_id=eot_id,
+                                          activation_function="gelu_new", layer_norm_epsilon=1e-5, eos_token_id=eot_id,
                                           bos_token_id=eot_id))
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, max_position_embeddings=CONTEXT, hidden_size=32,
                                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -215,14 +215,34 @@ def test_the_mapping_round_trips(bias):
     assert to_hf_state_dict(state, cfg)["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)  # Conv1D: (in, out)
 
 
+def test_a_gpt2_with_the_hubs_tanh_gelu_computes_the_same_logits_in_our_model(one_thread):
+    """GPT2Config's defaults, as the Hub's gpt2 checkpoints have them (activation_function gelu_new, biases): read
+    into our GPT, which then computes transformers' logits; and written back with the same activation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    cfg = gpt_config_from_hf(hf.config.to_dict())
+    assert cfg.activation == "gelu_new" and cfg.bias
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    tokens = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        # with targets: the logits of every position
+        diff = (ours(tokens, tokens)[0] - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert hf_config(cfg)["activation_function"] == "gelu_new"
+
+
 def test_the_mapping_refuses_what_our_model_cannot_hold():
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=False)
     hf_state = to_hf_state_dict(random_gpt(cfg).state_dict(), cfg)
     hf_state["transformer.h.0.mlp.c_fc.bias"] += 1.0
     with pytest.raises(ValueError, match="c_fc.bias is not zero and the model has bias=False"):
         from_hf_state_dict(hf_state, cfg)
-    with pytest.raises(ValueError, match="activation_function='gelu_new' is not supported"):
-        gpt_config_from_hf({**hf_config(cfg), "activation_function": "gelu_new"})
+    with pytest.raises(ValueError, match="activation_function='relu' is not supported"):
+        gpt_config_from_hf({**hf_config(cfg), "activation_function": "relu"})
     untied = {**hf_state, "lm_head.weight": torch.zeros(64, 16)}
     with pytest.raises(ValueError, match="only tied output heads"):
         from_hf_state_dict(untied, cfg)

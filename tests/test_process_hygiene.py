@@ -199,14 +199,14 @@ def prepare_job(corpus: Path, tmp_path: Path) -> list[str]:
     return ["prepare_data.py", "--source", str(folder), "--out", str(tmp_path / "ds"), "--workers", "2"]
 
 
-# Each signal once over the two jobs (the training job above takes all four): both stop their embedded Ray the
-# same way, through Ray's fate sharing with the driver process, whatever ends it.
-@pytest.mark.slow
-@pytest.mark.parametrize("which, sig", [("tune", signal.SIGTERM), ("tune", signal.SIGKILL),
-                                        ("prepare", signal.SIGINT), ("prepare", signal.SIGHUP)],
-                         ids=["tune-SIGTERM", "tune-SIGKILL", "prepare-SIGINT", "prepare-SIGHUP"])
+@pytest.mark.slow  # ~10-40 s each: an embedded Ray's start and a sweep's first trial or the first tokenizing actors
+@pytest.mark.parametrize("sig", STOPS, ids=[s.name for s in STOPS])
+@pytest.mark.parametrize("which", ["tune", "prepare"])
 def test_a_sweep_or_a_preparation_takes_its_embedded_ray_down_however_it_is_stopped(which, sig, char_dataset,
                                                                                    corpus_file, tmp_path):
+    """A sweep (jobs/tune.py) and a preparation tokenizing with Ray Data actors: after SIGINT, SIGTERM, SIGHUP or a
+    SIGKILL that lets no Python run, no process of the job's embedded Ray is left (Ray's fate sharing with the
+    driver process takes it down whatever ended the driver)."""
     temp_dir = tempfile.mkdtemp(prefix="gh", dir="/tmp")  # short: Ray's socket paths live under it
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ADDRESS="", GENAI_RAY_TMPDIR=temp_dir)
     script, *args = tune_job(char_dataset, tmp_path) if which == "tune" else prepare_job(corpus_file, tmp_path)

@@ -1,7 +1,7 @@
 """Our GPT (genai/models/gpt.py) in Hugging Face's GPT-2 layout (`GPT2LMHeadModel`) and back. Pure torch.
 
 The two models compute the same function: pre-LayerNorm blocks, fused q|k|v projection split in that order,
-exact GELU, LayerNorm eps 1e-5, attention scaled by 1/sqrt(head_dim), tied input/output embeddings. The
+GELU (exact, or GPT-2's own tanh approximation: `activation`), LayerNorm eps 1e-5, attention scaled by 1/sqrt(head_dim), tied input/output embeddings. The
 differences are names and layout: Hugging Face's GPT-2 keeps its projections in `Conv1D` modules whose weights
 are stored (in, out), the transpose of `nn.Linear`'s, and it always has biases (written as zeros for a model
 trained with `bias=False`).
@@ -16,8 +16,9 @@ from genai.models.gpt import GPTConfig
 # nn.LayerNorm's default, which every LayerNorm of genai/models/gpt.py uses.
 LAYER_NORM_EPS = 1e-5
 ARCHITECTURE = "GPT2LMHeadModel"  # the transformers class of the mapping
-# F.gelu's default (the erf form); transformers calls it "gelu" ("gelu_new" is the tanh approximation).
-ACTIVATION = "gelu"
+# transformers' activation_function names of GPTConfig.activation: "gelu" is F.gelu's default (the erf form),
+# "gelu_new" (GPT-2's, the Hub checkpoints') and "gelu_pytorch_tanh" are its tanh approximation.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new"}
 
 # Per block: (our module, Hugging Face's module, stored transposed because it is a Conv1D there).
 _BLOCK_MODULES = (
@@ -56,7 +57,7 @@ def hf_config(cfg: GPTConfig, bos_token_id: int | None = None, eos_token_id: int
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": 4 * cfg.n_embd,
-        "activation_function": ACTIVATION,
+        "activation_function": cfg.activation,
         "layer_norm_epsilon": LAYER_NORM_EPS,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -79,8 +80,11 @@ def gpt_config_from_hf(config: dict, dropout: float = 0.0) -> GPTConfig:
     if config.get("model_type") != "gpt2":
         raise ValueError(f"model_type {config.get('model_type')!r}: only gpt2 maps to genai/models/gpt.py")
     n_embd = config["n_embd"]
+    activation = config.get("activation_function", "gelu_new")  # GPT2Config's default
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation_function={activation!r} is not supported by genai/models/gpt.py (it computes "
+                         f"{', '.join(sorted(ACTIVATIONS))})")
     unsupported = {
-        "activation_function": (config.get("activation_function", "gelu_new"), ACTIVATION),
         "layer_norm_epsilon": (config.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS),
         "n_inner": (config.get("n_inner") or 4 * n_embd, 4 * n_embd),
         "tie_word_embeddings": (config.get("tie_word_embeddings", True), True),
@@ -92,7 +96,8 @@ def gpt_config_from_hf(config: dict, dropout: float = 0.0) -> GPTConfig:
         if value != supported:
             raise ValueError(f"{field}={value!r} is not supported by genai/models/gpt.py (it computes {supported!r})")
     return GPTConfig(vocab_size=config["vocab_size"], block_size=config["n_positions"], n_layer=config["n_layer"],
-                     n_head=config["n_head"], n_embd=n_embd, dropout=dropout, bias=True)
+                     n_head=config["n_head"], n_embd=n_embd, dropout=dropout, bias=True,
+                     activation=ACTIVATIONS[activation])
 
 
 config_from_hf = gpt_config_from_hf  # the name every genai/models/hf_*.py module gives it

@@ -114,7 +114,7 @@ def decoder_config(recipe: NLGRecipe, vocab: int) -> DecoderConfig:
     m = recipe.model
     if m.arch == "gpt2":
         return GPTConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+                         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias, activation=m.activation)
     return LlamaConfig(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
                        n_kv_head=m.n_kv_head or m.n_head, n_embd=m.n_embd,
                        intermediate_size=m.intermediate_size or default_intermediate_size(m.n_embd),
