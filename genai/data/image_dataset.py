@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from cluster.storage import Location, StorageError, explain, is_remote, resolve
 from genai.data.shards import (
-    FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location, read_manifest, verify_shards,
-    write_manifest, write_shard,
+    FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location, prepared_once, read_manifest,
+    verify_shards, write_manifest, write_shard,
 )
 from genai.data.sources import SourceError
 
@@ -426,11 +426,5 @@ def cached_image_dataset_uri(source: str, cache_dir: str, val_fraction: float = 
 def ensure_image_dataset(source: str, cache_dir: str, val_fraction: float = 0.1, log=print) -> str:
     """Return the URI of a prepared dataset of this source, preparing it into the cache if needed."""
     uri = cached_image_dataset_uri(source, cache_dir, val_fraction)
-    try:
-        whole = resolve(uri).join(MANIFEST_FILE).exists()
-    except OSError as exc:
-        raise DatasetError(f"{uri}: {exc}") from None
-    if not whole:
-        log(f"preparing {source} into the dataset cache {uri}")
-        prepare_image_dataset(source, uri, val_fraction=val_fraction, overwrite=True, log=log)
-    return uri
+    return prepared_once(uri, source, lambda out: prepare_image_dataset(source, out, val_fraction=val_fraction,
+                                                                        overwrite=True, log=log), log)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from cluster.storage import StorageError, explain, resolve
 from genai.data.shards import (FORMAT_VERSION, MANIFEST_FILE, DatasetError, clear_output, output_location,
-                               read_manifest, verify_shards, write_manifest, write_shard)
+                               prepared_once, read_manifest, verify_shards, write_manifest, write_shard)
 from genai.data.sources import SourceError
 
 DATASET_KIND = "photos"
@@ -207,11 +207,5 @@ def ensure_photo_dataset(source: str, cache_dir: str, channels: int = 3, val_fra
         key_source = "images:" + os.path.abspath(os.path.expanduser(source[len("images:"):]))
     key = json.dumps([FORMAT_VERSION, DATASET_KIND, key_source, channels, val_fraction])
     uri = os.path.join(os.path.expanduser(cache_dir), f"photos-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
-    try:
-        whole = resolve(uri).join(MANIFEST_FILE).exists()
-    except OSError as exc:
-        raise DatasetError(f"{uri}: {exc}") from None
-    if not whole:
-        log(f"preparing {source} into the dataset cache {uri}")
-        prepare_photo_dataset(source, uri, channels, val_fraction, overwrite=True, log=log)
-    return uri
+    return prepared_once(uri, source, lambda out: prepare_photo_dataset(source, out, channels, val_fraction,
+                                                                        overwrite=True, log=log), log)

@@ -87,6 +87,18 @@ def read_manifest(uri: str, kind: str) -> dict:
     return raw
 
 
+def prepared_once(uri: str, source: str, prepare, log=print) -> str:
+    """`uri`, after `prepare(uri)` made the dataset there unless a whole one (its manifest written last) already is."""
+    try:
+        whole = resolve(uri).join(MANIFEST_FILE).exists()
+    except OSError as exc:
+        raise DatasetError(f"{uri}: {exc}") from None
+    if not whole:
+        log(f"preparing {source} into the dataset cache {uri}")
+        prepare(uri)
+    return uri
+
+
 def output_location(out_uri: str, overwrite: bool) -> Location:
     """Where a preparation writes; refuses to replace a whole dataset there unless `overwrite`, and a file or
     an unwritable folder before any work."""
