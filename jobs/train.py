@@ -115,7 +115,7 @@ def train(recipe, plan, family, verbose: bool = False) -> int:
             train_loop_per_worker, dict(plan.loop_config(run.uri), console=console), datasets=parquet_datasets(plan.dataset_uris()),
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, storage=c.storage,
             name=name, max_failures=c.max_failures, keep_checkpoints=recipe.train.keep_checkpoints,
-            placement=c.placement),
+            placement=c.placement, embedded=where == "local"),
             wait=(lambda: display.show(console.receive(0.2))) if console else None)
     except Exception as exc:  # Ray raises TrainingFailedError carrying the workers' errors
         return _failed(exc, run, name, plan)

@@ -99,6 +99,14 @@ def test_objectstore_cli_takes_its_server_down_however_it_is_stopped(sig, tmp_pa
         kill_leftovers(weeds)
 
 
+def as_from_a_terminal() -> None:
+    """Popen preexec_fn: the stop signals' default dispositions, as a command started from a terminal has them.
+    A suite started in the background (`make test &`, nohup) passes its children SIGINT or SIGHUP ignored, and
+    Python then installs no KeyboardInterrupt handler: the jobs these tests stop would not see the signal."""
+    for sig in STOPS[:-1]:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 PYTEST_SESSION = '''
 import time
 
@@ -123,7 +131,7 @@ def test_pytest_session_stopped_mid_s3_test_leaves_no_server(sig, tmp_path):
     with open(out, "w") as log:
         session = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-s",
                                     "-q", f"--basetemp={base}", "test_s3_session.py"], cwd=tmp_path, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=as_from_a_terminal)
     weeds = []
     try:
         wait_for_text(out, "IN THE MIDDLE OF AN S3 TEST", session)
@@ -213,7 +221,7 @@ def test_a_sweep_or_a_preparation_takes_its_embedded_ray_down_however_it_is_stop
     # What shows the job is at work on Ray: a trial's training worker, or a Ray Data actor tokenizing.
     busy = "RayTrainWorker" if which == "tune" else "MapWorker"
     job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=as_from_a_terminal)
     procs: list[psutil.Process] = []
     try:
         def at_work() -> bool:
