@@ -34,6 +34,11 @@ DOCKERFILE = ROOT / "cluster" / "docker" / "Dockerfile"
 RAY_CLUSTER_YAML = ROOT / "ray-cluster.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 VARIANTS = {"base": "gpu", "overlays/dev-cpu": "cpu", "overlays/gpu-prod": "gpu"}  # kustomization -> image kind
+# Every variant's RayJobs, by name, and the script each runs.
+RAYJOBS = {"train-nlg": "jobs/train_nlg.py", "train-gan": "jobs/train_gan.py", "train-vae": "jobs/train.py",
+           "train-sr": "jobs/train.py", "train-translate": "jobs/train.py", "tune-nlg": "jobs/tune.py"}
+# The RayJobs of the families only jobs/train.py trains, and the recipe kind each must train.
+FAMILY_JOBS = {"train-vae": "vae", "train-sr": "sr", "train-translate": "cyclegan"}
 # Referenced before they exist: the GAN job (issue 4) and the Tune sweep (issue 5) are built on other branches.
 PENDING: set[str] = set()  # files the manifests may name before they are built
 PENDING_REASON = "built in issue 4/5"
@@ -158,7 +163,7 @@ def test_every_container_has_requests_and_limits_and_runs_unprivileged(variant):
                 assert pod["securityContext"]["runAsNonRoot"] is True, where
                 assert pod["securityContext"]["runAsUser"] != 0, where
             checked += 1
-    assert checked == 3 + 3 * 4  # RayCluster: head, worker, autoscaler; each of the 3 RayJobs: those + submitter
+    assert checked == 3 + len(RAYJOBS) * 4  # RayCluster: head, worker, autoscaler; each RayJob: those + submitter
 
 
 @needs_kubectl
@@ -218,8 +223,7 @@ def test_each_rayjob_gets_its_own_copy_of_the_cluster_and_cleans_up(variant):
     docs = rendered(variant)
     (cluster,) = of_kind(docs, "RayCluster")
     jobs = of_kind(docs, "RayJob")
-    assert sorted(shlex.split(j["spec"]["entrypoint"])[1] for j in jobs) == \
-        ["jobs/train_gan.py", "jobs/train_nlg.py", "jobs/tune.py"]
+    assert {j["metadata"]["name"]: shlex.split(j["spec"]["entrypoint"])[1] for j in jobs} == RAYJOBS
     for job in jobs:
         s = job["spec"]
         assert s["rayClusterSpec"] == cluster["spec"], job["metadata"]["name"]  # follows the overlay's sizes
@@ -291,7 +295,8 @@ def script_help(script: str) -> str:
     return out.stdout
 
 
-TRAIN_JOBS = {"jobs/train_nlg.py": ("gpt", "shakespeare-char"), "jobs/train_gan.py": ("gan", "dcgan-mnist")}
+TRAIN_JOBS = {"jobs/train_nlg.py": ("gpt", "shakespeare-char"), "jobs/train_gan.py": ("gan", "dcgan-mnist"),
+              "jobs/train.py": (None, None)}  # script -> (the kind it trains, None: any; its default recipe)
 
 
 def edited(args: list[str]) -> list[str]:
@@ -340,6 +345,14 @@ def pods_needed(recipe, groups: list[tuple[float, int, int]]) -> int | None:
     return None
 
 
+def assert_fits_its_cluster(recipe, job: dict) -> None:
+    groups = []
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        groups.append((cpu_cores(limits["cpu"]), int(limits.get("nvidia.com/gpu", 0)), group["maxReplicas"]))
+    assert pods_needed(recipe, groups), f"{recipe.cluster} does not fit worker groups (cpus, gpus, max) {groups}"
+
+
 @needs_kubectl
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_nlg_job_fits_its_cluster_and_keeps_runs_and_data_in_s3(variant):
@@ -347,11 +360,27 @@ def test_the_nlg_job_fits_its_cluster_and_keeps_runs_and_data_in_s3(variant):
     recipe = train_recipe(edited(shlex.split(job["spec"]["entrypoint"])[2:]))
     assert recipe.cluster.storage.startswith("s3://")  # every node, and the next job, sees the checkpoints
     assert (recipe.data.uri or recipe.data.cache_dir).startswith("s3://")  # every node reads the dataset
-    groups = []
-    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        groups.append((cpu_cores(limits["cpu"]), int(limits.get("nvidia.com/gpu", 0)), group["maxReplicas"]))
-    assert pods_needed(recipe, groups), f"{recipe.cluster} does not fit worker groups (cpus, gpus, max) {groups}"
+    assert_fits_its_cluster(recipe, job)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name, kind", FAMILY_JOBS.items())
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_family_job_trains_its_kind_fits_its_cluster_and_keeps_runs_and_data_in_s3(variant, name, kind):
+    (job,) = [j for j in of_kind(rendered(variant), "RayJob") if j["metadata"]["name"] == name]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[1] == "jobs/train.py"
+    recipe = train_recipe(argv[2:], argv[1])
+    assert recipe.kind == kind, f"{name} trains a {recipe.kind} recipe"
+    assert recipe.cluster.storage.startswith("s3://")  # every node, and the next job, sees the checkpoints
+    if kind == "cyclegan":  # the builtin pair of digit domains is built in memory; prepared domains live in S3
+        domains = [recipe.data.domain_a, recipe.data.domain_b]
+        assert domains == [None, None] or all(d.startswith("s3://") for d in domains), domains
+    else:  # a prepared dataset in S3, or a source prepared once into the S3 cache
+        assert (recipe.data.uri or recipe.data.cache_dir).startswith("s3://")
+    if VARIANTS[variant] == "cpu":
+        assert recipe.cluster.use_gpu is False
+    assert_fits_its_cluster(recipe, job)
 
 
 @needs_kubectl
