@@ -1,11 +1,11 @@
 """What a run's checkpoints fix: the one policy for resuming a run and for PBT continuing another trial's run.
 
-A checkpoint holds weights and optimizer shards of one shape, sharded one way, in one precision, and it sits at
-one position of one data order. So it fixes the model's shape, the ZeRO stage and workers, the precision, and
-whatever decides which batches came before it: the dataset, batch sizes, sequence length, seed and shuffle. What
-may change is how training goes on from it: the learning-rate schedule and the optimizer's hyperparameters (the
-loops apply the recipe's values over the restored state), the step budget, logging, intervals, resources and
-where the run lives.
+A checkpoint holds weights and optimizer shards of one shape, in one ZeRO layout, in one precision, and it sits at
+one position of one data order. So it fixes the model's shape, the ZeRO stage, the precision, and whatever
+decides which batches came before it: the dataset, batch sizes, sequence length, seed and shuffle. What may
+change is how training goes on from it: the learning-rate schedule and the optimizer's hyperparameters (the
+loops apply the recipe's values over the restored state), the step budget, logging, intervals, resources, the
+number of workers (the shards are resharded; the current epoch's data restarts) and where the run lives.
 
 Every recipe field is in exactly one class below, per recipe kind (tests/test_resume_policy.py checks it):
     FIXED      a resumed run must keep it (compared by its effective value: train.seq_len null = model.block_size)
@@ -27,7 +27,13 @@ from cluster.deepspeed_config import resolve_precision
 FIXED, DATASET, HPARAM, FREE = "fixed", "dataset", "hyperparameter", "free"
 
 _CLUSTER = {
-    "cluster.num_workers": FIXED,  # ZeRO shards and the per-worker data split follow it (issue 14 makes it FREE)
+    # A resume on another worker count reshards the engines (genai/train/reshard.py: ZeRO 1-3 through DeepSpeed's
+    # universal checkpoint, optimizer state and schedule carried). The global batch is num_workers x micro_batch x
+    # grad_accum: it changes with num_workers, as the batch sizes stay FIXED here (rescaling grad_accum to keep it
+    # is a new run), and the schedule counts steps, not samples. The data position cannot be carried (each
+    # worker's rows and shuffle follow the worker count): the current epoch restarts its data from the beginning,
+    # logged (genai/train/checkpoint.py restore), so the rows of its earlier steps are seen again, none skipped.
+    "cluster.num_workers": FREE,
     "cluster.use_gpu": FREE,
     "cluster.cpus_per_worker": FREE,
     "cluster.torch_threads": FREE,
@@ -110,7 +116,7 @@ POLICY: dict[str, dict[str, str]] = {
         "data.shuffle_buffer_windows": FIXED,
         "train.micro_batch_size": FIXED,
         "train.grad_accum": FIXED,
-        "train.global_batch_size": FREE,  # only a check: it must equal the product of fixed fields
+        "train.global_batch_size": FREE,  # only a check of micro_batch x grad_accum x num_workers
         "train.seq_len": FIXED,
         "train.max_steps": FREE,
         "train.lr": HPARAM,

@@ -47,19 +47,20 @@ def test_pbt_varies_only_fields_a_resume_may_change(kind):
 def test_what_a_gpt_checkpoint_fixes_and_what_may_change():
     fixed = set(resume_policy.fixed_fields("gpt"))
     assert {"model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
-            "cluster.num_workers", "deepspeed.zero_stage", "train.micro_batch_size", "train.grad_accum",
+            "deepspeed.zero_stage", "train.micro_batch_size", "train.grad_accum",
             "train.seq_len", "train.seed", "train.precision", "data.shuffle_buffer_windows"} <= fixed
     assert {"data.uri", "data.source", "data.tokenizer"} <= set(resume_policy.fields("gpt", DATASET))
     assert {"train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay_steps", "train.max_steps",
             "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
-            "train.keep_checkpoints"} <= set(resume_policy.mutable_fields("gpt"))
+            "train.keep_checkpoints", "cluster.num_workers"} <= set(resume_policy.mutable_fields("gpt"))
+    assert "cluster.num_workers" not in resume_policy.pbt_fields("gpt")  # resharded on resume, not a PBT knob
 
 
 def test_what_a_gan_checkpoint_fixes():
     fixed = set(resume_policy.fixed_fields("gan"))
     assert {"model.z_dim", "model.ngf", "model.ndf", "train.batch_size", "train.n_critic", "train.seed",
-            "data.shuffle_buffer", "deepspeed.generator.zero_stage", "deepspeed.discriminator.zero_stage",
-            "cluster.num_workers"} <= fixed
+            "data.shuffle_buffer", "deepspeed.generator.zero_stage", "deepspeed.discriminator.zero_stage"} <= fixed
+    assert "cluster.num_workers" in set(resume_policy.mutable_fields("gan")) - set(resume_policy.pbt_fields("gan"))
     assert {"train.lr_g", "train.lr_d", "train.ema_decay"} <= set(resume_policy.pbt_fields("gan"))
 
 
@@ -107,7 +108,6 @@ def test_a_new_run_folder_takes_any_recipe(tmp_path):
     ("train.seq_len=16", "train.seq_len=32", "train.seq_len=16"),  # null seq_len is model.block_size (32)
     ("train.seed=7", "train.seed=1337", "train.seed=7"),
     ("data.shuffle_buffer_windows=64", "data.shuffle_buffer_windows=512", "data.shuffle_buffer_windows=64"),
-    ("cluster.num_workers=2", "cluster.num_workers=1", "cluster.num_workers=2"),
     ("deepspeed.zero_stage=2", "deepspeed.zero_stage=0", "deepspeed.zero_stage=2"),
     ("model.n_embd=64", "model.n_embd=32", "model.n_embd=64"),
     ("train.precision=bf16", "train.precision=fp32", "train.precision=bf16"),  # auto on CPU is fp32
@@ -123,6 +123,7 @@ def test_changing_a_fixed_field_is_refused_with_both_values(tmp_path, override, 
     "train.log_interval=1", "train.eval_interval=5", "train.checkpoint_interval=5", "train.keep_checkpoints=4",
     "train.grad_clip=0.5", "train.weight_decay=0.0", "model.dropout=0.1", "train.peak_flops=1e12",
     "cluster.max_failures=0", "train.seq_len=32", "train.precision=fp32", "name=renamed",
+    "cluster.num_workers=2",  # the checkpoint is resharded (genai/train/reshard.py)
 ])
 def test_changing_what_a_checkpoint_does_not_fix_resumes(tmp_path, override):
     run = started(tmp_path, load_recipe("tiny"), identity())

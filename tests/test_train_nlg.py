@@ -168,6 +168,52 @@ def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(char_datase
     assert steps == sorted(set(steps)) and steps[-1] == 40
 
 
+def adam_steps(checkpoint: Path) -> set[int]:
+    """Every Adam `step` count in a checkpoint's ZeRO optimizer files (whatever their nesting)."""
+    import torch
+
+    found: set[int] = set()
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if key == "step" and isinstance(value, (int, torch.Tensor)):
+                    found.add(int(value))
+                else:
+                    walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    for shard in checkpoint.glob("*/*optim_states.pt"):
+        walk(torch.load(shard, map_location="cpu", weights_only=False))
+    return found
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_run_resumes_on_fewer_then_more_workers_with_its_optimizer_state(stage, char_dataset, tmp_path):
+    """2 -> 1 -> 2 workers (issue 14 part 5): each resume reshards the ZeRO checkpoint (DeepSpeed's universal
+    layout), says so, and goes on from the next step with Adam's state carried (its step count is the run's, not
+    the steps since the resize) and the loss where it was, not back at a fresh model's."""
+    fixed = (f"deepspeed.zero_stage={stage}", "train.lr_decay_steps=30", "train.checkpoint_interval=10",
+             "train.log_interval=1", "train.eval_interval=10", "train.sample_interval=0")
+    train(char_dataset, tmp_path, "resized", "cluster.num_workers=2", "train.max_steps=10", *fixed)
+    for workers, steps in ((1, 20), (2, 30)):
+        r = train(char_dataset, tmp_path, "resized", f"cluster.num_workers={workers}", f"train.max_steps={steps}",
+                  *fixed)
+        assert f"resharded from {3 - workers} to {workers} workers (optimizer state carried)" in r.stdout, \
+            r.stdout[-3000:]
+        assert "epoch 0 restarts its data from the beginning" in r.stdout
+        resumed_from = tmp_path / "resized" / f"checkpoint_{steps - 10:08d}"
+        assert (resumed_from / "universal").is_dir()  # converted once, beside the shards
+        assert adam_steps(tmp_path / "resized" / f"checkpoint_{steps:08d}") == {steps}
+    scalars, _ = tensorboard(tmp_path / "resized")
+    loss = dict(scalars["train/loss"])
+    assert sorted(loss) == list(range(1, 31))  # every step once, none trained again
+    for resumed in (11, 21):  # no jump back towards the untrained model's loss
+        assert loss[resumed] < loss[1] - 0.5 * (loss[1] - loss[resumed - 1]), loss
+
+
 def test_changing_the_model_of_an_existing_run_is_refused(char_dataset, tmp_path):
     (tmp_path / "shape").mkdir()
     (tmp_path / "shape" / "recipe.yaml").write_text("model: {n_layer: 9}\n")

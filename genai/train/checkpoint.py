@@ -1,7 +1,7 @@
 """Checkpoints: every rank saves its DeepSpeed shards and Ray Train merges them in storage.
 
 A checkpoint folder (its place in the run folder: genai/run.py) holds, besides DeepSpeed's `<tag>/` shards:
-    trainer_state.json      step, data position and world size (rank 0)
+    trainer_state.json      step, data position, the world size that wrote it (rank 0) and the engines' tags
     rng/rank<N>.pt          each rank's RNG state (dropout continues exactly on resume)
     meta/                   model config, tokenizer and recipe: enough to sample from it
 
@@ -52,18 +52,7 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
     step = trainer_state["step"]
     tmp = tempfile.mkdtemp(prefix=f"genai-ckpt-{step}-")
     try:
-        for name, engine in engines.items():
-            engine.save_checkpoint(tmp, tag=f"{name}-step{step:08d}", save_latest=False)
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        extra = rank_state() if rank_state else None
-        torch.save(dict(rng_state(), **({"family": extra} if extra is not None else {})),
-                   os.path.join(tmp, "rng", f"rank{rank}.pt"))
-        if rank == 0:
-            state = dict(trainer_state, tags={n: f"{n}-step{step:08d}" for n in engines})
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(state, f, indent=2)
-            if write_meta:
-                write_meta(os.path.join(tmp, META_DIR))
+        write_checkpoint(tmp, engines, trainer_state, rank, write_meta, rank_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(step))
     finally:
@@ -72,6 +61,27 @@ def save_and_report(engines: dict, trainer_state: dict, metrics: dict, rank: int
     if rank == 0:
         say(f"{checkpoint_name(step)} saved ({seconds:.1f}s)")
     return seconds
+
+
+def write_checkpoint(folder: str, engines: dict, trainer_state: dict, rank: int,
+                     write_meta: Callable[[str], None] | None = None,
+                     rank_state: Callable[[], dict | None] | None = None) -> None:
+    """This rank's part of a checkpoint in the local `folder`: every engine's shards under its tag, the RNG state,
+    and on rank 0 trainer_state.json (with the tags; its `world_size` is what a resharded resume converts from)
+    and meta/. Every rank calls it (saving ZeRO shards is collective)."""
+    step = trainer_state["step"]
+    for name, engine in engines.items():
+        engine.save_checkpoint(folder, tag=f"{name}-step{step:08d}", save_latest=False)
+    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+    extra = rank_state() if rank_state else None
+    torch.save(dict(rng_state(), **({"family": extra} if extra is not None else {})),
+               os.path.join(folder, "rng", f"rank{rank}.pt"))
+    if rank == 0:
+        state = dict(trainer_state, tags={n: f"{n}-step{step:08d}" for n in engines})
+        with open(os.path.join(folder, TRAINER_STATE), "w") as f:
+            json.dump(state, f, indent=2)
+        if write_meta:
+            write_meta(os.path.join(folder, META_DIR))
 
 
 def master_weights(engine, rank: int) -> dict | None:
@@ -148,18 +158,29 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int,
             load_rank_state: Callable[[dict], None] | None = None) -> tuple[dict, float]:
     """Load every engine's shards and this rank's RNG state; return (the trainer state, seconds it took).
 
+    A checkpoint written by another number of workers is resharded (genai/train/reshard.py: ZeRO 1-3 through
+    DeepSpeed's universal checkpoint, ZeRO-0 as it is), optimizer state and schedule included. Its data position
+    cannot be carried: each worker's rows and their shuffle follow the worker count (the Ray Data split, the
+    per-rank shuffle seed), so skipping `epoch_step` batches per worker would skip other rows than were trained
+    on. A resized resume therefore restarts the current epoch's data from its beginning (logged): the rows that
+    epoch's earlier steps trained on are seen again, none is skipped; the step count and schedule go on. (The
+    families that draw seeded batches by index, sr and cyclegan, have one endless epoch: their indices restart
+    at 0, i.e. the run's earlier random draws are drawn again.) A rank with no saved RNG state (more workers
+    than saved) keeps its fresh seed, and its family rank state (a CycleGAN's image pools) starts empty.
+
     `load_extra(folder)` reads anything else the loop saved in the checkpoint (e.g. an EMA under meta/),
     `load_rank_state(state)` what save_and_report's `rank_state` saved for this rank."""
+    from genai.train.reshard import load_spec, loading
+
     t0 = time.perf_counter()
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, TRAINER_STATE)) as f:
             state = json.load(f)
-        if state["world_size"] != world_size:
-            raise RuntimeError(
-                f"checkpoint {checkpoint.path} was written by {state['world_size']} workers; this run has "
-                f"{world_size}. Resume with cluster.num_workers={state['world_size']} or start a new run name.")
+        saved_world = state["world_size"]
         for name, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(d, tag=state["tags"][name])
+            spec = load_spec(engine, d, state["tags"][name], saved_world, world_size)
+            with loading(engine, spec):
+                load_path, _ = engine.load_checkpoint(spec.load_dir, tag=spec.tag)
             if load_path is None:
                 raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed shards for {name}")
         rng_file = os.path.join(d, "rng", f"rank{rank}.pt")
@@ -171,7 +192,15 @@ def restore(checkpoint, engines: dict, rank: int, world_size: int,
         if load_extra:
             load_extra(d)
     seconds = time.perf_counter() - t0
+    resized, trained_in_epoch = saved_world != world_size, state["epoch_step"]
+    if resized:
+        state["epoch_step"] = 0
+    state["world_size"] = world_size  # what the next checkpoint is written by
     if rank == 0:
         say_resumed(state["step"], f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}, "
-                    f"step {state['epoch_step']} of it) in {seconds:.1f}s")
+                    f"step {trained_in_epoch} of it) in {seconds:.1f}s")
+        if resized:
+            say(f"resharded from {saved_world} to {world_size} workers (optimizer state carried)" + (
+                f"; epoch {state['epoch']} restarts its data from the beginning: the rows of its first "
+                f"{trained_in_epoch} steps are seen again" if trained_in_epoch else ""))
     return state, seconds
