@@ -36,13 +36,20 @@ def repeated(r: dict) -> str:
 
 def nlg_rows(r: dict) -> list[list[str]]:
     plain, rows, machine = r["rows"]["plain"], [], repeated(r)
+    default_threads = r["rows"].get("plain-default-threads")
     for name, row in r["rows"].items():
         if name == "plain":
             continue
-        ratio = row["tokens_per_s"] / plain["tokens_per_s"]
-        bar = f"≥ 0.95: {verdict(ratio >= 0.95)}" if name == "ours-zero0-1w" else "-"
-        rows.append([f"GPT shakespeare_char tokens/s, {name} ({r['steps']} steps)", spread(row, "tokens_per_s"),
-                     f"{spread(plain, 'tokens_per_s')} (plain PyTorch loop)", f"{ratio:.3f}", bar, machine])
+        if name == "ours-demo" and default_threads:  # the demo as `make demo` runs it vs the loop at torch's default
+            ratio = row["tokens_per_s"] / default_threads["tokens_per_s"]
+            rows.append([f"GPT shakespeare_char tokens/s, {name} ({r['steps']} steps)", spread(row, "tokens_per_s"),
+                         f"{spread(default_threads, 'tokens_per_s')} (plain loop, torch's default threads)",
+                         f"{ratio:.3f}", f"≥ 1.0: {verdict(ratio >= 1.0)}", machine])
+        else:
+            ratio = row["tokens_per_s"] / plain["tokens_per_s"]
+            bar = f"≥ 0.95: {verdict(ratio >= 0.95)}" if name == "ours-zero0-1w" else "-"
+            rows.append([f"GPT shakespeare_char tokens/s, {name} ({r['steps']} steps)", spread(row, "tokens_per_s"),
+                         f"{spread(plain, 'tokens_per_s')} (plain PyTorch loop)", f"{ratio:.3f}", bar, machine])
         rows.append([f"GPT val loss (whole val split), {name}", f"{row['val_loss']:.4f}",
                      f"{plain['val_loss']:.4f} (plain loop)", f"{row['val_loss'] / plain['val_loss']:.3f}",
                      f"≤ 1.90: {verdict(row['val_loss'] <= 1.90)}" if name == "ours-zero0-1w" else "-", machine])
