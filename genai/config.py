@@ -176,9 +176,19 @@ class DataConfig(_Section):
     cache_dir: str = Field(
         "~/.cache/genai-cluster/datasets", description="Where datasets prepared on first use are kept."
     )
-    shuffle_buffer_windows: int = Field(
-        8192, ge=1, description="Training windows shuffled together on each worker (a seeded, resumable shuffle)."
-    )
+    shuffle_buffer_tokens: int = Field(1 << 25, ge=0, description=(
+        "Tokens each worker shuffles together (a seeded, resumable shuffle of the windows cut from them; held in "
+        "the dataset's dtype, 2-4 bytes a token). Rows arrive in corpus order, so batches are as random as "
+        "uniformly drawn windows only when a buffer holds a large share of an epoch's tokens: the default holds "
+        "all of a 33M-token corpus. 0: no shuffle."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "shuffle_buffer_windows" in values:
+            raise ValueError("data.shuffle_buffer_windows is now data.shuffle_buffer_tokens (windows x seq_len; "
+                             "a buffer of windows too small to cover an epoch made batches less random)")
+        return values
 
     @model_validator(mode="after")
     def _dataset_given(self) -> "DataConfig":

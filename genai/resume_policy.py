@@ -113,7 +113,7 @@ POLICY: dict[str, dict[str, str]] = {
         "data.val_fraction": DATASET,
         "data.chunk_tokens": DATASET,
         "data.cache_dir": DATASET,
-        "data.shuffle_buffer_windows": FIXED,
+        "data.shuffle_buffer_tokens": FIXED,
         "train.micro_batch_size": FIXED,
         "train.grad_accum": FIXED,
         "train.global_batch_size": FREE,  # only a check of micro_batch x grad_accum x num_workers

@@ -114,7 +114,7 @@ def _rows(n, length=64):
 
 def test_window_stream_is_reproducible_and_resumable():
     def batches(epoch, rank=0):
-        return [b.copy() for b in WindowStream(_rows(40), 8, 4, seed=1, epoch=epoch, rank=rank, shuffle_buffer=50)]
+        return [b.copy() for b in WindowStream(_rows(40), 8, 4, seed=1, epoch=epoch, rank=rank, shuffle_tokens=400)]
 
     a, b = batches(0), batches(0)
     assert len(a) > 10 and all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -124,7 +124,7 @@ def test_window_stream_is_reproducible_and_resumable():
     assert len(set(starts.tolist())) == len(starts)
     assert epoch_offset(1, 0, 8) == epoch_offset(1, 0, 8)
     # Resuming after k batches (skipping them) yields exactly the rest of the epoch.
-    it = iter(WindowStream(_rows(40), 8, 4, seed=1, epoch=0, rank=0, shuffle_buffer=50))
+    it = iter(WindowStream(_rows(40), 8, 4, seed=1, epoch=0, rank=0, shuffle_tokens=400))
     for _ in range(5):
         next(it)
     assert all(np.array_equal(x, y) for x, y in zip(list(it), a[5:]))

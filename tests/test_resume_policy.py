@@ -48,7 +48,7 @@ def test_what_a_gpt_checkpoint_fixes_and_what_may_change():
     fixed = set(resume_policy.fixed_fields("gpt"))
     assert {"model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
             "deepspeed.zero_stage", "train.micro_batch_size", "train.grad_accum",
-            "train.seq_len", "train.seed", "train.precision", "data.shuffle_buffer_windows"} <= fixed
+            "train.seq_len", "train.seed", "train.precision", "data.shuffle_buffer_tokens"} <= fixed
     assert {"data.uri", "data.source", "data.tokenizer"} <= set(resume_policy.fields("gpt", DATASET))
     assert {"train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay_steps", "train.max_steps",
             "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
@@ -107,7 +107,7 @@ def test_a_new_run_folder_takes_any_recipe(tmp_path):
     ("train.grad_accum=2", "train.grad_accum=1", "train.grad_accum=2"),
     ("train.seq_len=16", "train.seq_len=32", "train.seq_len=16"),  # null seq_len is model.block_size (32)
     ("train.seed=7", "train.seed=1337", "train.seed=7"),
-    ("data.shuffle_buffer_windows=64", "data.shuffle_buffer_windows=512", "data.shuffle_buffer_windows=64"),
+    ("data.shuffle_buffer_tokens=64", "data.shuffle_buffer_tokens=16384", "data.shuffle_buffer_tokens=64"),
     ("deepspeed.zero_stage=2", "deepspeed.zero_stage=0", "deepspeed.zero_stage=2"),
     ("model.n_embd=64", "model.n_embd=32", "model.n_embd=64"),
     ("train.precision=bf16", "train.precision=fp32", "train.precision=bf16"),  # auto on CPU is fp32

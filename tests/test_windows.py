@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from genai.config import load_recipe
-from genai.data.batches import WindowStream, epoch_offset, window_count
+from genai.data.batches import WindowStream, epoch_offset, shard_order, window_count
 from genai.data.text_dataset import DatasetError, SplitInfo, TextManifest
 from genai.train.nlg import plan_nlg_run, steps_per_epoch, worst_steps_per_epoch
 
@@ -94,7 +94,7 @@ def test_an_epoch_at_gpt2_small_shapes_trains_on_99_percent_of_the_tokens(gpt2_s
     assert (gpt2_small.seq_len, gpt2_small.data.chunk_tokens, gpt2_small.cluster.num_workers) == (1024, 4096, 8)
     rows = 20_000 if chunk == 4096 else 40_000  # ~80M tokens either way
     coverage = epoch_coverage(rows, chunk, chunk // 3, 8, assign, gpt2_small.seq_len, t.micro_batch_size,
-                              t.grad_accum, t.seed, 0, gpt2_small.data.shuffle_buffer_windows)
+                              t.grad_accum, t.seed, 0, gpt2_small.data.shuffle_buffer_tokens)
     assert coverage >= 0.99, coverage
 
 
@@ -115,7 +115,7 @@ def test_every_worker_yields_the_windows_of_the_steps_computed_in_advance(chunk,
                     assert n_steps >= worst_steps_per_epoch(guaranteed, seq, micro, accum)
                     steps_seen.append(n_steps)
                     for rank, ids in enumerate(split):
-                        for shuffle, batch_rows in ((1, 1), (7, 5)):
+                        for shuffle, batch_rows in ((0, 1), (7 * seq, 5)):
                             stream = WindowStream(source(ids, rows, chunk, last, batch_rows), seq, micro, seed,
                                                   epoch, rank, shuffle)
                             yielded = sum(len(mb) for mb in stream)
@@ -143,7 +143,7 @@ def test_replaying_an_epochs_rows_replays_its_batches_exactly():
 
     def batches(epoch: int, rank: int = 0, make=source):
         src = make(ids, rows, 37, 5, 8)
-        return [b.copy() for b in WindowStream(src, 16, 4, seed=3, epoch=epoch, rank=rank, shuffle_buffer=50)]
+        return [b.copy() for b in WindowStream(src, 16, 4, seed=3, epoch=epoch, rank=rank, shuffle_tokens=800)]
 
     first = batches(0)
     assert len(first) > 50
@@ -164,7 +164,7 @@ def test_windows_cross_row_and_shard_boundaries():
               pa.table({"tokens": pa.array(rows[2:], type=pa.list_(pa.int64()))})]
     batches = [shards[0]] + shards[1].to_batches(max_chunksize=3)
     seq, offset = 4, 2
-    got = np.concatenate(list(WindowStream(batches, seq, 1, seed=0, epoch=0, rank=0, shuffle_buffer=1,
+    got = np.concatenate(list(WindowStream(batches, seq, 1, seed=0, epoch=0, rank=0, shuffle_tokens=0,
                                            offset=offset)))
     stream = np.concatenate(rows)
     n = window_count(len(stream), seq, offset)
@@ -195,3 +195,46 @@ def test_a_dataset_too_small_for_one_step_or_one_validation_batch_is_refused(cha
                                      "cluster.num_workers=2"])
     with pytest.raises(DatasetError, match="fewer than one micro-batch"):
         plan_nlg_run(val_short, log=lambda *_: None)
+
+
+def first_positions(stream: WindowStream, share: float, total_windows: int) -> np.ndarray:
+    """The corpus positions (window starts) of the first `share` of an epoch's windows."""
+    starts = []
+    for mb in stream:
+        starts.extend(mb[:, 0].tolist())
+        if len(starts) >= share * total_windows:
+            break
+    return np.asarray(starts)
+
+
+def test_the_demos_batches_draw_from_the_whole_corpus_from_the_first_step():
+    # shakespeare-char on tiny Shakespeare (1.0M training tokens in 1024-token rows, one worker): a buffer holding
+    # half the epoch trained on the first half of the corpus, then the second, and cost 0.04 in validation loss.
+    # From the first step the windows must be spread over the corpus as uniformly drawn ones would be.
+    r = load_recipe("shakespeare-char")
+    rows, chunk = 981, 1024
+    stream = WindowStream(source(list(range(rows)), rows, chunk, 335, ROWS_PER_FETCH), r.seq_len,
+                          r.train.micro_batch_size, r.train.seed, 0, 0, r.data.shuffle_buffer_tokens)
+    total = window_count((rows - 1) * chunk + 335, r.seq_len, 0)
+    where = np.sort(first_positions(stream, 0.05, total)) / ((rows - 1) * chunk + 335)
+    uniform = np.arange(1, len(where) + 1) / len(where)
+    assert np.abs(where - uniform).max() < 0.05  # Kolmogorov-Smirnov distance to uniform
+
+
+def test_a_large_corpus_is_read_in_a_seeded_shard_order_and_each_buffer_mixes_shards():
+    uris = [f"s3://b/ds/train/part-{i:05d}.parquet" for i in range(64)]
+    order = shard_order(uris, 1337)
+    assert sorted(order) == uris and order != uris
+    assert shard_order(uris, 1337) == order and shard_order(uris, 7) != order  # fixed by the seed, resumable
+    # 64 shards of 8 rows of 512 tokens, read in that order into buffers of 8 shards' tokens: the first 5% of the
+    # windows come from 8 or more shards spread over the corpus, not from its first eighth.
+    rows, chunk, per_shard = 64 * 8, 512, 8
+    ids = [int(u[-13:-8]) * per_shard + k for u in order for k in range(per_shard)]
+    stream = WindowStream(source(ids, rows, chunk, chunk, ROWS_PER_FETCH), 64, 8, 0, 0, 0, 8 * per_shard * chunk)
+    shards = set((first_positions(stream, 0.05, rows * chunk // 64) // (per_shard * chunk)).tolist())
+    assert len(shards) >= 8 and max(shards) - min(shards) > 32
+
+
+def test_a_recipe_naming_the_old_window_buffer_is_told_its_new_name():
+    with pytest.raises(Exception, match="data.shuffle_buffer_windows is now data.shuffle_buffer_tokens"):
+        load_recipe("tiny", ["data.shuffle_buffer_windows=512"])

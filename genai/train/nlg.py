@@ -12,7 +12,7 @@ import torch
 from cluster.deepspeed_config import build_deepspeed_config, resolve_precision
 from cluster.storage import resolve
 from genai.config import ConfigError, NLGRecipe
-from genai.data.batches import WindowStream, epoch_offset, window_count
+from genai.data.batches import WindowStream, epoch_offset, shard_order, window_count
 from genai.data.text_dataset import (DatasetError, TextManifest, ensure_dataset, load_manifest, verify_shards,
                                      worker_rows)
 from genai.data.tokenizers import TOKENIZER_FILE
@@ -56,8 +56,9 @@ class NLGPlan:
         }
 
     def dataset_uris(self) -> dict[str, list[str]]:
-        """Ray Data streams the training split; the workers read their few validation rows themselves."""
-        return {"train": self.manifest.shard_uris("train")}
+        """Ray Data streams the training split, its shards in the seed's order; the workers read their few
+        validation rows themselves."""
+        return {"train": shard_order(self.manifest.shard_uris("train"), self.recipe.train.seed)}
 
     def verify_data(self) -> None:
         """Check the shards against the manifest again (raises DatasetError naming a missing/corrupt one)."""
@@ -144,7 +145,7 @@ def _val_batches(shard_uris: list[str], seq_len: int, micro_batch: int, n: int, 
     the validation split, read straight from storage and only as far as the first `n` micro-batches."""
     rows = worker_rows(shard_uris, rank, world, ROWS_PER_FETCH)
     out = []
-    for mb in WindowStream(rows, seq_len, micro_batch, seed, 0, rank, shuffle_buffer=1, offset=0):
+    for mb in WindowStream(rows, seq_len, micro_batch, seed, 0, rank, shuffle_tokens=0, offset=0):
         out.append(mb)
         if len(out) == n:
             break
@@ -235,7 +236,7 @@ class GPTFamily(Family):
 
     def open_epoch(self, epoch: int, rows) -> WindowStream:
         return WindowStream(rows.epoch(), self.recipe.seq_len, self.t.micro_batch_size, self.t.seed, epoch,
-                            self.worker.rank, self.recipe.data.shuffle_buffer_windows)
+                            self.worker.rank, self.recipe.data.shuffle_buffer_tokens)
 
     def step(self, batches, state: dict) -> None:
         self.loss_sum += lm_step(self.engine, batches, self.t.grad_accum, self.worker.device, self.t.pin_memory)
