@@ -63,7 +63,7 @@ def stream_worker(cfg: dict) -> None:
     t0 = time.perf_counter()
     first, tokens = None, 0
     stream = WindowStream(shard.iter_batches(batch_format="pyarrow", batch_size=32, prefetch_batches=4),
-                          seq_len=64, micro_batch=12, seed=0, epoch=0, rank=rank, shuffle_tokens=1 << 25)
+                          seq_len=64, micro_batch=12, seed=0, epoch=0, rank=rank)
     for mb in stream:
         tokens += mb.shape[0] * (mb.shape[1] - 1)
         if first is None:

@@ -176,11 +176,13 @@ class DataConfig(_Section):
     cache_dir: str = Field(
         "~/.cache/genai-cluster/datasets", description="Where datasets prepared on first use are kept."
     )
-    shuffle_buffer_tokens: int = Field(1 << 25, ge=0, description=(
+    shuffle_buffer_tokens: int = Field(1 << 23, ge=0, description=(
         "Tokens each worker shuffles together (a seeded, resumable shuffle of the windows cut from them; held in "
         "the dataset's dtype, 2-4 bytes a token). Rows arrive in corpus order, so batches are as random as "
         "uniformly drawn windows only when a buffer holds a large share of an epoch's tokens: the default holds "
-        "all of a 33M-token corpus. 0: no shuffle."))
+        "all of an 8M-token corpus and, at gpt2-small shapes, fills no later than the 8192 windows it replaced; the "
+        "training shards are read in a seeded order, so a buffer of a larger corpus holds text from across it. 0: no "
+        "shuffle."))
 
     @model_validator(mode="before")
     @classmethod

@@ -68,7 +68,7 @@ class WindowStream:
     and ends 0.04 higher in validation loss (benchmarks/NOTES.md). `shuffle_tokens=0`: windows in stream order."""
 
     def __init__(self, batches: Iterable, seq_len: int, micro_batch: int, seed: int, epoch: int, rank: int,
-                 shuffle_tokens: int = 1 << 25, offset: int | None = None):
+                 shuffle_tokens: int = 1 << 23, offset: int | None = None):
         self._source = iter(batches)
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.offset = epoch_offset(seed, epoch, seq_len) if offset is None else offset
